@@ -1,0 +1,198 @@
+"""The command line: ``fmnist train|score|evaluate|pipeline`` (and workflows/*.py).
+
+Exit status: 0 success; 1 the job ran but missed its goal; 2 bad input or usage, with one
+``error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from fmnist.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other input error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise InputError(f"{message} (see '{self.prog} --help')")
+
+
+def _hidden_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hidden takes comma-separated integers like 256,128,64, not {text!r}")
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--hidden widths must be positive, got {text!r}")
+    return widths
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.training import DEFAULT_EPOCHS, TrainConfig
+
+    d = TrainConfig()
+    run = p.add_argument_group("run")
+    run.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume, the run's own)")
+    run.add_argument("--num-workers", type=_positive_int, default=d.num_workers,
+                     help="Ray Train workers, data parallel (default %(default)s)")
+    run.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                     help="train on GPUs (default: when the cluster has GPUs)")
+    run.add_argument("--cpus-per-worker", type=_positive_int, default=None,
+                     help="CPUs each worker reserves and uses as torch threads "
+                          "(default: the cluster's CPUs shared among the workers, locally; 1 on a cluster)")
+    run.add_argument("--storage-path", default=d.storage_path,
+                     help="where run directories go: a local/NFS path or s3://, gs:// (default %(default)s)")
+    run.add_argument("--name", default=None, help="run directory name (default: train-<date>-<time>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run --name (default: the latest run) from its last checkpoint")
+    run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    run.add_argument("--keep", type=_positive_int, default=d.keep,
+                     help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
+    run.add_argument("--max-failures", type=int, default=d.max_failures,
+                     help="worker failures to recover from, from the last checkpoint (default %(default)s)")
+    run.add_argument("--resource-timeout", type=float, default=d.resource_timeout_s, metavar="SECONDS",
+                     help="on a cluster, how long to wait for the workers' CPUs/GPUs to appear (default %(default)s)")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
+    recipe.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    recipe.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                        help="global batch size, split across workers (default %(default)s)")
+    recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
+                        help="hidden layer widths (default 256,128,64)")
+    recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
+    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                        help="Adam weight decay (default %(default)s)")
+    recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
+                        help="learning-rate schedule over the epochs (default %(default)s)")
+    recipe.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+
+
+def _train_config(args: argparse.Namespace):
+    from fmnist.training import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,
+        resume=args.resume, data_dir=args.data_dir, keep=args.keep, max_failures=args.max_failures,
+        resource_timeout_s=args.resource_timeout, verbose=args.verbose, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
+        dropout=args.dropout, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+    )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from fmnist.training import train
+
+    train(_train_config(args))
+    return 0
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
+    p.add_argument("--output", required=True, help="directory to write the Parquet predictions to")
+    p.add_argument("--input", default="test",
+                   help="'test' (the 10,000 test images), a directory of images, or Parquet (default %(default)s)")
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
+    p.add_argument("--batch-size", type=_positive_int, default=1024, help="images per batch (default %(default)s)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="model actors (default %(default)s)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    raise InputError("scoring is not built yet")  # filled in by the scoring module
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("predictions", metavar="PREDICTIONS_DIR", help="directory of Parquet predictions")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write the confusion matrix as a PNG heatmap")
+    p.add_argument("--min-accuracy", type=float, default=None, metavar="A",
+                   help="exit 1 when accuracy is below A (a fraction, e.g. 0.88)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fmnist.evaluation import evaluate_predictions, write_json
+    from fmnist.evaluation_report import plot_confusion_matrix, print_report
+
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+        raise InputError(f"--min-accuracy is a fraction in [0, 1] (e.g. 0.88), not {args.min_accuracy}")
+    evaluation = evaluate_predictions(args.predictions)
+    print_report(evaluation, Console())
+    if args.json:
+        write_json(evaluation, args.json)
+    if args.plot:
+        plot_confusion_matrix(evaluation, args.plot)
+    if args.min_accuracy is not None and evaluation.accuracy < args.min_accuracy:
+        print(f"accuracy {evaluation.accuracy:.4f} is below --min-accuracy {args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fmnist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = {
+        "train": ("train the classifier with Ray Train", add_train_arguments, _run_train),
+        "score": ("batch-score images into Parquet with Ray Data", add_score_arguments, _run_score),
+        "evaluate": ("report accuracy and per-class figures of Parquet predictions", add_evaluate_arguments,
+                     _run_evaluate),
+    }
+    for name, (help_text, add_arguments, run) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def workflow_main(command: str) -> None:
+    """Entry point of workflows/<command>.py: ``python workflows/train.py ...``."""
+    sys.exit(main([command, *sys.argv[1:]]))

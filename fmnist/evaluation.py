@@ -1,0 +1,246 @@
+"""Evaluate Parquet predictions: accuracy, per-class precision/recall/F1, confusion matrix.
+
+The figures are scikit-learn's ``classification_report`` / ``confusion_matrix`` with
+``labels=range(10)`` and ``zero_division=0``: every class is reported, and a ratio whose
+denominator is zero counts as 0 (also in the macro average). Only the ``label`` and
+``prediction`` columns are read, so a million rows take well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fmnist.errors import InputError
+from fmnist.model import CLASS_NAMES
+
+# The scoring step records the checkpoint it used in the Parquet schema metadata.
+CHECKPOINT_METADATA_KEY = b"fmnist.checkpoint"
+COLUMNS = ("label", "prediction")
+
+
+class ConfusedPair(NamedTuple):
+    """Two classes mistaken for each other: a predicted as b, and b predicted as a."""
+
+    a: int
+    b: int
+    a_as_b: int
+    b_as_a: int
+
+    @property
+    def total(self) -> int:
+        return self.a_as_b + self.b_as_a
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The confusion matrix of a set of predictions, and every figure derived from it."""
+
+    confusion: np.ndarray  # (classes, classes) int64, rows = true class, columns = predicted
+    source: str  # where the predictions were read from
+    checkpoint: str | None = None  # the model that made them, where recorded
+    unlabeled: int = 0  # rows without a label, left out of every figure
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def correct(self) -> int:
+        return int(np.trace(self.confusion))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+    @property
+    def support(self) -> np.ndarray:
+        return self.confusion.sum(axis=1)
+
+    @property
+    def precision(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.confusion.sum(axis=0))
+
+    @property
+    def recall(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.support)
+
+    @property
+    def f1(self) -> np.ndarray:
+        # 2tp / (2tp + fp + fn): the harmonic mean of precision and recall, 0 where both are.
+        return _ratio(2 * np.diag(self.confusion), self.confusion.sum(axis=0) + self.support)
+
+    @property
+    def macro_avg(self) -> dict:
+        return self._average(weights=None)
+
+    @property
+    def weighted_avg(self) -> dict:
+        return self._average(weights=self.support)
+
+    def _average(self, weights: np.ndarray | None) -> dict:
+        return {
+            "precision": float(np.average(self.precision, weights=weights)),
+            "recall": float(np.average(self.recall, weights=weights)),
+            "f1": float(np.average(self.f1, weights=weights)),
+            "support": self.n,
+        }
+
+    def most_confused(self, limit: int = 5) -> list[ConfusedPair]:
+        """The class pairs with the most mistakes between them (either way), most first."""
+        c = self.confusion
+        pairs = [
+            ConfusedPair(a, b, int(c[a, b]), int(c[b, a]))
+            for a in range(len(c)) for b in range(a + 1, len(c))
+            if c[a, b] + c[b, a] > 0
+        ]
+        # Stable sort: ties keep class order, so the report is the same on every run.
+        return sorted(pairs, key=lambda p: p.total, reverse=True)[:limit]
+
+    def to_json(self) -> dict:
+        """The figures in the JSON schema of SPEC.md (``fmnist evaluate --json``)."""
+        per_class = [
+            {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(self.class_names, self.precision, self.recall, self.f1, self.support)
+        ]
+        return {
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "per_class": per_class,
+            "macro_avg": self.macro_avg,
+            "weighted_avg": self.weighted_avg,
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    out = np.zeros(len(numerator), dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def evaluate_arrays(
+    labels: np.ndarray, predictions: np.ndarray, source: str = "arrays", checkpoint: str | None = None,
+    unlabeled: int = 0, class_names: tuple[str, ...] = CLASS_NAMES,
+) -> Evaluation:
+    """Figures for integer class indices (both already checked to lie in range)."""
+    k = len(class_names)
+    confusion = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
+    return Evaluation(confusion, source, checkpoint, unlabeled, class_names)
+
+
+def evaluate_predictions(path: str | os.PathLike) -> Evaluation:
+    """Read a predictions directory (or one Parquet file) and compute its figures.
+
+    Raises InputError for anything that is not labelled predictions of our classes.
+    """
+    files = _parquet_files(Path(path))
+    tables = [_read_columns(f) for f in files]
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise InputError(f"the predictions in {path} have zero rows; score some images first")
+    labelled = table.filter(pc.is_valid(table["label"]))
+    if labelled.num_rows == 0:
+        raise InputError(
+            f"the predictions in {path} have no labels; evaluation needs the true class in the 'label' "
+            "column (score --input test, or Parquet input with a 'label' column)"
+        )
+    labels = labelled["label"].to_numpy()
+    predictions = labelled["prediction"].to_numpy()
+    _check_range("label", labels, path)
+    _check_range("prediction", predictions, path)
+    return evaluate_arrays(
+        labels, predictions, source=str(path), checkpoint=_checkpoint(tables),
+        unlabeled=table.num_rows - labelled.num_rows,
+    )
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"predictions directory {path} does not exist; pass the --output directory of 'fmnist score'")
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise InputError(f"{path} holds no .parquet files; pass the --output directory of 'fmnist score'")
+    return files
+
+
+def _read_columns(file: Path) -> pa.Table:
+    """The label and prediction columns of one file, as int64, after checking its schema."""
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{file} is not a readable Parquet file ({e}); re-run 'fmnist score'") from None
+    for column in COLUMNS:
+        if column not in schema.names:
+            raise InputError(
+                f"{file} has no '{column}' column (it has: {', '.join(schema.names)}); "
+                "expected predictions written by 'fmnist score'"
+            )
+        if not pa.types.is_integer(schema.field(column).type):
+            raise InputError(
+                f"column '{column}' of {file} is {schema.field(column).type}, not an integer class index; "
+                "expected predictions written by 'fmnist score'"
+            )
+    table = pq.read_table(file, columns=list(COLUMNS))
+    if table["prediction"].null_count:
+        raise InputError(f"{file} has rows without a prediction; re-run 'fmnist score'")
+    # The cast keeps the schema metadata: it may record the checkpoint.
+    return table.cast(pa.schema([(c, pa.int64()) for c in COLUMNS], metadata=table.schema.metadata))
+
+
+def _check_range(column: str, values: np.ndarray, path: str | os.PathLike) -> None:
+    bad = values[(values < 0) | (values >= len(CLASS_NAMES))]
+    if len(bad):
+        raise InputError(
+            f"the '{column}' column in {path} holds {bad[0]}, not a class index 0..{len(CLASS_NAMES) - 1}; "
+            "expected predictions of the Fashion-MNIST classes"
+        )
+
+
+def _checkpoint(tables: list[pa.Table]) -> str | None:
+    """The checkpoint recorded by the scoring step; several are listed (a mixed directory)."""
+    found = dict.fromkeys(
+        metadata[CHECKPOINT_METADATA_KEY].decode()
+        for metadata in (t.schema.metadata or {} for t in tables)
+        if CHECKPOINT_METADATA_KEY in metadata
+    )
+    return ", ".join(found) or None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; it replaces ``path`` only on success.
+
+    So a reader, or a crash, never sees a half-written file. ``what`` names the option in errors.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror or e
+        raise InputError(f"cannot write {what} {target}: {reason}; pass a path in a writable directory") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(evaluation: Evaluation, path: str | os.PathLike) -> None:
+    """Write ``evaluation.to_json()`` to ``path``, atomically."""
+    with atomic_path(path, "--json") as tmp:
+        tmp.write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")

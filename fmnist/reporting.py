@@ -1,0 +1,90 @@
+"""What a training run shows and leaves behind: the live console, history.csv, loss_curve.png."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+HISTORY_COLUMNS = (
+    "epoch", "train_loss", "test_loss", "test_accuracy", "train_seconds", "epoch_seconds", "samples_per_second",
+)
+
+
+def history_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def loss_curve_png(history: list[dict]) -> bytes:
+    """Train vs test loss, and test accuracy, per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    loss_ax.plot(epochs, [r["test_loss"] for r in history], marker="o", label="test")
+    loss_ax.set(title="Loss (NLL)", xlabel="epoch", ylabel="loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in history], marker="o", color="tab:green")
+    acc_ax.set(title="Test accuracy", xlabel="epoch", ylabel="%")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    plt.close(fig)
+    return out.getvalue()
+
+
+class TrainingConsole:
+    """A progress bar for the epoch under way, and one printed table row per finished epoch."""
+
+    def __init__(self, console: Console, epochs: int):
+        self.console = console
+        self.epochs = epochs
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("batches"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+        self.header_shown = False
+
+    def __enter__(self) -> "TrainingConsole":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def batch(self, epoch: int, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total, epoch=epoch, epochs=self.epochs)
+        self.progress.update(self.task, completed=done, total=total, epoch=epoch)
+
+    def epoch_done(self, row: dict) -> None:
+        table = Table(box=None, show_header=not self.header_shown, pad_edge=False)
+        for name, width in (("epoch", 7), ("train loss", 10), ("test loss", 10), ("accuracy", 9),
+                            ("seconds", 8), ("samples/s", 10)):
+            table.add_column(name, justify="right", min_width=width)
+        table.add_row(
+            f"{row['epoch']}/{self.epochs}", f"{row['train_loss']:.4f}", f"{row['test_loss']:.4f}",
+            f"{100 * row['test_accuracy']:.2f}%", f"{row['epoch_seconds']:.1f}", f"{row['samples_per_second']:,.0f}",
+        )
+        self.header_shown = True
+        self.progress.console.print(table)
+        if self.task is not None:
+            self.progress.update(self.task, completed=0)

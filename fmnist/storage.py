@@ -1,0 +1,63 @@
+"""Run directories on local disk, NFS, or object storage (s3://, gs://), through pyarrow.fs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from fmnist.errors import InputError
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class StoragePath:
+    """A directory: its filesystem, its path on that filesystem, and how to show it to a user."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str  # what Ray's storage_path and the user see: an absolute local path or a URI
+
+    @classmethod
+    def parse(cls, location: str) -> "StoragePath":
+        if not _is_uri(location):
+            local = os.path.abspath(os.path.expanduser(location))
+            return cls(pafs.LocalFileSystem(), local, local)
+        try:
+            fs, path = pafs.FileSystem.from_uri(location)
+        except (pafs.ArrowInvalid, OSError, ValueError) as e:
+            raise InputError(f"storage path {location} is not usable ({e})") from None
+        return cls(fs, path.rstrip("/"), location.rstrip("/"))
+
+    def child(self, name: str) -> "StoragePath":
+        return StoragePath(self.fs, f"{self.path}/{name}", f"{self.uri}/{name}")
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def subdirectories(self) -> list[str]:
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+            return f.read().decode()
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write a file whole: readers see the old or the new content, never a part."""
+        self.fs.create_dir(self.path, recursive=True)
+        target = f"{self.path}/{name}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{target}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:  # an object store's PUT is already all-or-nothing
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)

@@ -1,0 +1,357 @@
+"""Data-parallel training of the classifier on Ray Train.
+
+The driver reads and validates the data once and puts it in Ray's object store; each
+worker takes its share of every global batch, DDP averages the gradients, and every epoch
+ends with exact global figures over the whole test set and a checkpoint. Rank 0 streams
+progress to the driver through a Ray queue; the driver draws it and writes the run's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import ray.util.queue
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from fmnist.checkpoints import load_training_state, save_checkpoint
+from fmnist.cluster import start_ray, wait_for_resources
+from fmnist.data import load_fashion_mnist
+from fmnist.errors import InputError
+from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.reporting import TrainingConsole, history_csv, loss_curve_png
+from fmnist.storage import StoragePath
+
+DEFAULT_EPOCHS = 15
+RUN_CONFIG_FILE = "train_config.json"
+# Options that define what is trained; a resumed run keeps the ones it started with.
+RECIPE_FIELDS = ("epochs", "lr", "batch_size", "hidden", "dropout", "weight_decay", "schedule", "seed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # the recipe (defaults are the tutorial's)
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, or on --resume the run's own
+    lr: float = 0.002
+    batch_size: int = 200  # global, split across workers
+    hidden: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.2
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine"
+    seed: int = 0
+    # where and how it runs
+    num_workers: int = 2
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: int | None = None
+    storage_path: str = "./runs"
+    name: str | None = None
+    resume: bool = False
+    data_dir: str | None = None
+    keep: int = 2
+    max_failures: int = 3
+    resource_timeout_s: float = 60.0
+    verbose: bool = False
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    best_accuracy: float
+    history: list[dict]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _train_one_epoch(model, optimizer, images, labels, order, batch_size, rank, world, on_batch) -> float:
+    """One pass over the training set; returns the global mean loss.
+
+    Step s trains on the global batch order[s*B:(s+1)*B], of which this rank takes every
+    world-th sample. Each rank's loss is its sum over the global batch size times world, so
+    DDP's gradient mean equals the gradient of the global batch's mean loss, for any world.
+    """
+    model.train()
+    loss_sum = 0.0
+    steps = math.ceil(len(order) / batch_size)
+    for step in range(steps):
+        batch = order[step * batch_size:(step + 1) * batch_size]
+        mine = batch[rank::world]
+        log_probs = model(images[mine])
+        nll = nn.functional.nll_loss(log_probs, labels[mine], reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (nll * world / len(batch)).backward()
+        optimizer.step()
+        loss_sum += nll.item()
+        on_batch(step + 1, steps)
+    (total,) = _all_reduce_sum([loss_sum], images.device)
+    return total / len(order)
+
+
+@torch.no_grad()
+def _evaluate(model, images, labels, rank, world) -> tuple[float, float]:
+    """Global mean NLL and accuracy over the whole test set: per-rank sums, all-reduced."""
+    model.eval()
+    images, labels = images[rank::world], labels[rank::world]
+    loss_sum, correct = 0.0, 0.0
+    for start in range(0, len(images), 2000):
+        log_probs = model(images[start:start + 2000])
+        y = labels[start:start + 2000]
+        loss_sum += nn.functional.nll_loss(log_probs, y, reduction="sum").item()
+        correct += (log_probs.argmax(dim=1) == y).sum().item()
+    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, float(len(images))], images.device)
+    return loss_sum / n, correct / n
+
+
+def _make_scheduler(optimizer, schedule: str, epochs: int):
+    if schedule == "cosine":  # stepped once per epoch, to zero after the last
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+class _ProgressSender:
+    """Rank 0's batch progress to the driver, a few times a second (each put is a round trip)."""
+
+    def __init__(self, queue, epoch: int, enabled: bool):
+        self.queue, self.epoch, self.enabled, self.last = queue, epoch, enabled, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or done == total):
+            self.last = now
+            self.queue.put_nowait(("batch", self.epoch, done, total))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """What each Ray Train worker runs."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    model_config = ModelConfig.from_dict(cfg["model_config"])
+    epochs, seed = cfg["epochs"], cfg["seed"]
+
+    _seed_everything(seed)  # the same initial weights on every rank
+    model = Classifier(model_config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = _make_scheduler(optimizer, cfg["schedule"], epochs)
+    first_epoch, history = 1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resumed by --resume, or restarted after a worker failure
+        with checkpoint.as_directory() as d:
+            state = load_training_state(Path(d))
+            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch, history = state["epoch"] + 1, state["history"]
+    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    bare_model = model.module if hasattr(model, "module") else model
+
+    data = cfg["data"]
+    # torch.tensor copies: the object store's arrays are read-only.
+    train_x = normalize(torch.tensor(ray.get(data["train_images"])), model_config).to(device)
+    train_y = torch.tensor(ray.get(data["train_labels"])).to(device)
+    test_x = normalize(torch.tensor(ray.get(data["test_images"])), model_config).to(device)
+    test_y = torch.tensor(ray.get(data["test_labels"])).to(device)
+
+    for epoch in range(first_epoch, epochs + 1):
+        # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted
+        # epoch draws exactly what an uninterrupted run would have drawn.
+        _seed_everything(seed * 100_003 + epoch * 1_009 + rank)
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = order.to(device)
+        started = time.perf_counter()
+        on_batch = _ProgressSender(cfg["progress"], epoch, enabled=rank == 0)
+        train_loss = _train_one_epoch(
+            model, optimizer, train_x, train_y, order, cfg["batch_size"], rank, world, on_batch
+        )
+        train_seconds = time.perf_counter() - started
+        scheduler.step()
+        test_loss, test_accuracy = _evaluate(bare_model, test_x, test_y, rank, world)
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "train_seconds": train_seconds, "epoch_seconds": 0.0,
+            "samples_per_second": len(train_y) / train_seconds,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                row["epoch_seconds"] = time.perf_counter() - started  # the checkpoint's own save included
+                history.append(row)
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "epoch": epoch, "seed": seed, "history": history}
+                save_checkpoint(Path(tmp), bare_model, model_config, row, state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(row, checkpoint=ckpt)
+        if rank == 0:
+            row["epoch_seconds"] = time.perf_counter() - started  # now with the upload to storage
+            cfg["progress"].put_nowait(("epoch", row, history))
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
+    """The run directory, and the config to run with (a resumed run's own recipe)."""
+    storage = StoragePath.parse(config.storage_path)
+    name = config.name
+    if config.resume and name is None:
+        runs = [d for d in storage.subdirectories() if storage.child(d).child(RUN_CONFIG_FILE).exists()]
+        if not runs:
+            raise InputError(f"--resume: no run to resume in {storage.uri}; pass --storage-path/--name")
+        name = max(runs, key=lambda d: storage.fs.get_file_info(storage.child(d).path).mtime)
+    name = name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+    if "/" in name or name in ("", ".", ".."):
+        raise InputError(f"--name {name!r} must be a plain directory name")
+    run_dir = storage.child(name)
+    if not config.resume:
+        if run_dir.exists():
+            raise InputError(f"run directory {run_dir.uri} exists; pass --resume to continue it, or another --name")
+        return run_dir, replace(config, name=name, epochs=config.epochs or DEFAULT_EPOCHS)
+    if not run_dir.child(RUN_CONFIG_FILE).exists():
+        raise InputError(f"--resume: {run_dir.uri} is not a run directory (no {RUN_CONFIG_FILE})")
+    saved = json.loads(run_dir.read_text(RUN_CONFIG_FILE))
+    recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
+    recipe["hidden"] = tuple(recipe["hidden"])
+    # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
+    return run_dir, replace(config, name=name, epochs=config.epochs or saved["epochs"], **recipe)
+
+
+def _placement(config: TrainConfig, started_ray: bool) -> tuple[bool, int]:
+    """Whether to use GPUs, and the CPUs (= torch threads) of each worker."""
+    total = ray.cluster_resources()
+    use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        # On an embedded local Ray the workers may as well share all cores; on a cluster keep
+        # Ray Train's default of 1 so that workers pack onto nodes.
+        cpus = max(1, int(total.get("CPU", 1)) // config.num_workers) if started_ray else 1
+    return use_gpu, cpus
+
+
+@contextlib.contextmanager
+def _resume_hint(console: Console, config: TrainConfig):
+    """On Ctrl-C, say how to pick the run up again (Ray is stopped by the caller)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]Interrupted.[/] Continue with: --resume --storage-path {config.storage_path} --name {config.name}"
+        )
+        raise
+
+
+def _run_trainer(trainer, outcome: dict) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except BaseException as e:  # handed to the main thread
+        outcome["error"] = e
+
+
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Train per ``config``; returns where the run and its best checkpoint are."""
+    console = console or Console()
+    run_dir, config = _pick_run_dir(config)
+    if config.batch_size < config.num_workers:
+        raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}")
+    data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
+    started_ray = start_ray(config.verbose)
+    try:
+        use_gpu, cpus = _placement(config, started_ray)
+        bundle = {"CPU": cpus, "GPU": 1 if use_gpu else 0}
+        wait_for_resources(bundle, config.num_workers, f"training with {config.num_workers} workers",
+                           0 if started_ray else config.resource_timeout_s)
+        if not config.resume:
+            run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
+        return _fit(config, run_dir, data, use_gpu, cpus, console)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _fit(config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: int, console: Console) -> TrainResult:
+    progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+    loop_config = {
+        "data": {k: ray.put(getattr(data, k)) for k in ("train_images", "train_labels", "test_images", "test_labels")},
+        "model_config": config.model_config().to_dict(),
+        "threads": cpus, "progress": progress,
+        **{k: getattr(config, k) for k in RECIPE_FIELDS},
+    }
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=StoragePath.parse(config.storage_path).uri,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.keep, checkpoint_score_attribute="test_accuracy", checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    where = "GPU" if use_gpu else f"CPU, {cpus} thread{'s' * (cpus > 1)} each"
+    verb = "Resuming" if config.resume else "Training"
+    console.print(f"[bold]{verb}[/] {run_dir.uri}: {config.epochs} epochs on {config.num_workers} workers ({where})")
+
+    outcome: dict = {}
+    fit_thread = threading.Thread(target=_run_trainer, args=(trainer, outcome), daemon=True)
+    fit_thread.start()
+    # The main thread draws progress and writes the run's files; Ctrl-C lands here.
+    history: list[dict] = []
+    with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
+        while fit_thread.is_alive() or not progress.empty():
+            try:
+                event = progress.get(timeout=0.2)
+            except ray.util.queue.Empty:
+                continue
+            if event[0] == "batch":
+                view.batch(*event[1:])
+            else:
+                _, row, history = event
+                view.epoch_done(row)
+                run_dir.write("history.csv", history_csv(history).encode())
+                run_dir.write("loss_curve.png", loss_curve_png(history))
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    best = result.get_best_checkpoint(metric="test_accuracy", mode="max")
+    if best is None:
+        raise InputError(f"{run_dir.uri} has no checkpoint: the run had nothing left to train (--epochs?)")
+    best_accuracy = max(m["test_accuracy"] for _, m in result.best_checkpoints)
+    console.print(
+        f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
+        f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}"
+    )
+    return TrainResult(run_dir.uri, best.path, best_accuracy, history)

@@ -1,0 +1,49 @@
+"""Shared fixtures: one Ray instance for the whole session, and one real training run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import ray
+
+from fmnist.data import SYSTEM_DATA_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Each ray.init costs seconds: every test that needs Ray shares this one."""
+    if not ray.is_initialized():
+        # More CPUs than cores: training workers, scoring actors and Ray Data tasks of a test
+        # must all fit at once.
+        ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    if not (SYSTEM_DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail("the real data is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
+    return SYSTEM_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, real_data_dir, tmp_path_factory):
+    """A real 1-epoch, 2-worker training on the real data; returns its TrainResult."""
+    from fmnist.training import TrainConfig, train
+
+    storage = tmp_path_factory.mktemp("runs")
+    return train(TrainConfig(epochs=1, num_workers=2, storage_path=str(storage), name="trained",
+                             data_dir=str(real_data_dir), seed=0))
+
+
+@pytest.fixture
+def no_data_env(monkeypatch, tmp_path):
+    """No FMNIST_DATA_DIR and an empty cache, so only explicit paths count."""
+    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return os.environ

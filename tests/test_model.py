@@ -1,0 +1,39 @@
+"""The classifier: shapes, log-probabilities, options."""
+
+import torch
+
+from fmnist import CLASS_NAMES
+from fmnist.model import Classifier, ModelConfig, normalize
+
+
+def test_default_architecture_is_the_tutorials():
+    model = Classifier()
+    widths = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [(784, 256), (256, 128), (128, 64), (64, 10)]
+    assert model.dropout.p == 0.2
+    assert len(CLASS_NAMES) == 10 and CLASS_NAMES[0] == "T-shirt/top" and CLASS_NAMES[9] == "Ankle boot"
+
+
+def test_flat_and_image_shaped_inputs_give_log_probabilities():
+    model = Classifier().eval()
+    x = torch.randn(5, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (5, 10)
+    assert torch.allclose(out.exp().sum(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.equal(out, model(x.reshape(5, 784)))
+
+
+def test_widths_and_dropout_are_options():
+    model = Classifier(ModelConfig(hidden=(32,), dropout=0.5))
+    widths = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [(784, 32), (32, 10)]
+    x = torch.randn(64, 784)
+    assert not torch.equal(model.train()(x), model(x))  # dropout on in training mode
+    assert torch.equal(model.eval()(x), model(x))
+
+
+def test_normalize_maps_pixels_to_minus_one_one():
+    images = torch.tensor([[[0, 255], [51, 204]]], dtype=torch.uint8)
+    out = normalize(images, ModelConfig())
+    assert out.shape == (1, 4)
+    assert torch.allclose(out, torch.tensor([[-1.0, 1.0, -0.6, 0.6]]))
