@@ -111,7 +111,8 @@ def read_idx(path: Path, magic: int, count: int, shape: tuple[int, ...]) -> np.n
     expected = header + count * int(np.prod(shape, dtype=np.int64))
     if len(data) != expected:
         raise InputError(f"{path} is {len(data)} bytes, expected {expected} (truncated?); replace it")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(count, *shape)
+    # bytearray: a writable array, as torch.from_numpy wants
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(count, *shape)
 
 
 def _read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

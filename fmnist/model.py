@@ -45,6 +45,7 @@ class Classifier(nn.Module):
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
+        self.config = config
         widths = (IMAGE_PIXELS, *config.hidden)
         self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, widths[1:]))
         self.output = nn.Linear(widths[-1], len(config.class_names))

@@ -1,0 +1,85 @@
+"""`ray job submit` of training to a real head node started with `ray start --head`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """A head node as a user starts it, token authentication on, with its own HOME (no token yet).
+
+    PYTHONPATH puts a stand-in `fmnist` that refuses to import in front of the installed
+    package: the job must run from the code it ships with --working-dir, as on a cluster
+    whose nodes have the dependencies but not this package.
+    """
+    home = tmp_path_factory.mktemp("home")
+    shadow = home / "shadow" / "fmnist"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the installed fmnist must not be used')\n")
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(shadow.parent),
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # As a user does once per machine: the token that the head node and `ray job submit` share.
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    dashboard = _free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
+         "--num-cpus", "2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError as e:
+            if "401" in str(e) or "403" in str(e):
+                break  # up, and asking for the token
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_training_job_submitted_to_a_head_node(head_node, tmp_path, real_data_dir):
+    address, env = head_node
+    storage = tmp_path / "runs"
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+               "python", "workflows/train.py", "--epochs", "1", "--num-workers", "2",
+               "--storage-path", str(storage), "--name", "job", "--data-dir", str(real_data_dir)]
+    for attempt in range(10):  # the job agent takes a few seconds more than the dashboard
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(3)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output
+    assert "succeeded" in output
+    assert "best checkpoint:" in output
+    assert (storage / "job" / "history.csv").read_text().count("\n") == 2
+    assert list((storage / "job").glob("checkpoint_*/model.pt"))

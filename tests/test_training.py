@@ -1,0 +1,102 @@
+"""Training on Ray Train: a real 2-worker run on the real data, its artifacts, and resuming."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fmnist
+from fmnist.cli import main
+from fmnist.data import load_fashion_mnist
+from fmnist.model import normalize
+from fmnist.reporting import HISTORY_COLUMNS
+from fmnist.training import TrainConfig, train
+
+from conftest import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_history(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_workers_one_epoch_reaches_80_percent_and_leaves_its_artifacts(trained_run, real_data_dir):
+    assert trained_run.best_accuracy >= 0.80
+    with open(os.path.join(trained_run.run_dir, "history.csv")) as f:
+        assert f.readline().strip() == ",".join(HISTORY_COLUMNS)
+    (row,) = read_history(trained_run.run_dir)
+    assert row["epoch"] == "1" and float(row["test_accuracy"]) == trained_run.best_accuracy
+    assert float(row["samples_per_second"]) == pytest.approx(60_000 / float(row["train_seconds"]))
+    with open(os.path.join(trained_run.run_dir, "loss_curve.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+    # The checkpoint, loaded as a user would, gives exactly the reported test accuracy.
+    model = fmnist.load_model(trained_run.run_dir)
+    data = load_fashion_mnist(real_data_dir)
+    with torch.no_grad():
+        predicted = model(normalize(torch.from_numpy(data.test_images), model.config)).argmax(dim=1)
+    accuracy = (predicted == torch.from_numpy(data.test_labels)).float().mean().item()
+    assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-6)
+
+
+def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray_session, real_data_dir, tmp_path):
+    storage = str(tmp_path)
+    options = ["--epochs", "3", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
+               "--storage-path", storage, "--data-dir", str(real_data_dir)]
+    # A real Ctrl-C: a separate process (its own embedded Ray), SIGINT once epoch 1 is recorded.
+    proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    history_file = tmp_path / "cut" / "history.csv"
+    deadline = time.monotonic() + 180
+    while not (history_file.exists() and len(read_history(tmp_path / "cut")) >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    interrupted_at = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - interrupted_at < 30, "Ctrl-C took too long to stop the run"
+    assert proc.returncode == 130, output
+    assert "--resume" in output
+    assert len(read_history(tmp_path / "cut")) < 3
+
+    assert main(["train", "--resume", "--name", "cut", "--storage-path", storage,
+                 "--cpus-per-worker", "1", "--data-dir", str(real_data_dir)]) == 0
+    resumed = read_history(tmp_path / "cut")
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+
+    uninterrupted = train(TrainConfig(epochs=3, num_workers=2, cpus_per_worker=1, seed=7, storage_path=storage,
+                                      name="whole", data_dir=str(real_data_dir)))
+    for got, want in zip(resumed, uninterrupted.history):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert float(got[key]) == pytest.approx(want[key], rel=1e-5), (got["epoch"], key)
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main(["train", "--storage-path", str(tmp_path), "--name", "taken"]) == 2
+    assert main(["train", "--storage-path", str(tmp_path), "--name", "missing", "--resume"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert "exists; pass --resume" in lines[0] and "not a run directory" in lines[1]
+
+
+@pytest.mark.parametrize("options, names", [
+    (["--hidden", "256,x"], "--hidden"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--epochs", "0"], "--epochs"),
+    (["--schedule", "linear"], "--schedule"),
+])
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
+    assert main(["train", "--storage-path", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and names in err
+    assert list(tmp_path.iterdir()) == []
