@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -76,6 +77,7 @@ class TrainResult:
     best_checkpoint: str
     best_accuracy: float
     history: list[dict]
+    startup_seconds: float | None  # from train() to the first epoch's start; None if none ran
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -280,6 +282,7 @@ def _run_trainer(trainer, outcome: dict) -> None:
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train per ``config``; returns where the run and its best checkpoint are."""
     console = console or Console()
+    called_at = time.perf_counter()
     run_dir, config = _pick_run_dir(config)
     if config.batch_size < config.num_workers:
         raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}")
@@ -292,13 +295,18 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                            0 if started_ray else config.resource_timeout_s)
         if not config.resume:
             run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, use_gpu, cpus, console)
+        return _fit(config, run_dir, data, use_gpu, cpus, console, called_at)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: int, console: Console) -> TrainResult:
+def _fit(
+    config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: int, console: Console, called_at: float
+) -> TrainResult:
+    # Ray Train's controller collects each report when it polls the workers (every 2 s by
+    # default) and a worker's next report waits for that: epochs would take >= 2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
     loop_config = {
         "data": {k: ray.put(getattr(data, k)) for k in ("train_images", "train_labels", "test_images", "test_labels")},
@@ -330,6 +338,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: i
     fit_thread.start()
     # The main thread draws progress and writes the run's files; Ctrl-C lands here.
     history: list[dict] = []
+    startup_seconds = None
     with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
         while fit_thread.is_alive() or not progress.empty():
             try:
@@ -340,6 +349,8 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: i
                 view.batch(*event[1:])
             else:
                 _, row, history = event
+                if startup_seconds is None:
+                    startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
                 view.epoch_done(row)
                 run_dir.write("history.csv", history_csv(history).encode())
                 run_dir.write("loss_curve.png", loss_curve_png(history))
@@ -354,4 +365,4 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: i
         f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
         f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}"
     )
-    return TrainResult(run_dir.uri, best.path, best_accuracy, history)
+    return TrainResult(run_dir.uri, best.path, best_accuracy, history, startup_seconds)

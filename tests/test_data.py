@@ -91,3 +91,9 @@ def test_train_with_missing_data_exits_2_with_one_line_and_writes_nothing(tmp_pa
     assert err.count("\n") == 1 and err.startswith("error: ") and "nowhere" in err
     assert "apt-get install dataset-fashion-mnist" in err
     assert not runs.exists()
+
+
+def test_the_local_cache_comes_before_the_system_package(data_copy, no_data_env, tmp_path):
+    cache = tmp_path / "cache" / "fmnist"
+    shutil.copytree(data_copy, cache)
+    assert load_fashion_mnist().source == cache
