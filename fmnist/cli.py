@@ -7,6 +7,7 @@ Exit status: 0 success; 1 the job ran but missed its goal; 2 bad input or usage,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
@@ -83,7 +84,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
     run.add_argument("--max-failures", type=int, default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
-    run.add_argument("--resource-timeout", type=float, default=d.resource_timeout_s, metavar="SECONDS",
+    run.add_argument("--resource-timeout", dest="resource_timeout_s", type=float, default=d.resource_timeout_s,
+                     metavar="SECONDS",
                      help="on a cluster, how long to wait for the workers' CPUs/GPUs to appear (default %(default)s)")
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
@@ -95,21 +97,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
     recipe.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help="Adam weight decay (default %(default)s)")
+    recipe.add_argument("--label-smoothing", type=_probability, default=d.label_smoothing,
+                        help="label smoothing of the training loss (default %(default)s)")
     recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
                         help="learning-rate schedule over the epochs (default %(default)s)")
     recipe.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
 
 
 def _train_config(args: argparse.Namespace):
+    """The TrainConfig of parsed train options (each option's dest is a TrainConfig field)."""
     from fmnist.training import TrainConfig
 
-    return TrainConfig(
-        epochs=args.epochs, num_workers=args.num_workers, use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path, name=args.name,
-        resume=args.resume, data_dir=args.data_dir, keep=args.keep, max_failures=args.max_failures,
-        resource_timeout_s=args.resource_timeout, verbose=args.verbose, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
-        dropout=args.dropout, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-    )
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -120,13 +120,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.scoring import ScoreConfig as d
+
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
     p.add_argument("--output", required=True, help="directory to write the Parquet predictions to")
     p.add_argument("--input", default="test",
                    help="'test' (the 10,000 test images), a directory of images, or Parquet (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="images per batch (default %(default)s)")
-    p.add_argument("--concurrency", type=_positive_int, default=2, help="model actors (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="images per batch (default %(default)s)")
+    p.add_argument("--concurrency", type=_positive_int, default=d.concurrency,
+                   help="model actors (default %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
@@ -134,7 +138,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    raise InputError("scoring is not built yet")  # filled in by the scoring module
+    from fmnist.scoring import ScoreConfig, score
+
+    score(ScoreConfig(
+        checkpoint=args.checkpoint, output=args.output, input=args.input, data_dir=args.data_dir,
+        batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
+        overwrite=args.overwrite, skip_bad=args.skip_bad, verbose=args.verbose,
+    ))
+    return 0
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,18 +162,41 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from fmnist.evaluation import evaluate_predictions, write_json
     from fmnist.evaluation_report import plot_confusion_matrix, print_report
 
-    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
-        raise InputError(f"--min-accuracy is a fraction in [0, 1] (e.g. 0.88), not {args.min_accuracy}")
+    _check_min_accuracy(args.min_accuracy)
     evaluation = evaluate_predictions(args.predictions)
     print_report(evaluation, Console())
     if args.json:
         write_json(evaluation, args.json)
     if args.plot:
         plot_confusion_matrix(evaluation, args.plot)
-    if args.min_accuracy is not None and evaluation.accuracy < args.min_accuracy:
-        print(f"accuracy {evaluation.accuracy:.4f} is below --min-accuracy {args.min_accuracy}", file=sys.stderr)
+    return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
+
+
+def _check_min_accuracy(min_accuracy: float | None) -> None:
+    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
+        raise InputError(f"--min-accuracy is a fraction in [0, 1] (e.g. 0.88), not {min_accuracy}")
+
+
+def _accuracy_gate(accuracy: float, min_accuracy: float | None) -> int:
+    """Exit status 1 when a --min-accuracy gate is not met."""
+    if min_accuracy is not None and accuracy < min_accuracy:
+        print(f"accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    p.add_argument("--min-accuracy", type=float, default=None, metavar="A",
+                   help="exit 1 when the test accuracy is below A (a fraction, e.g. 0.88)")
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from fmnist.pipeline import run_pipeline
+
+    _check_min_accuracy(args.min_accuracy)
+    evaluation = run_pipeline(_train_config(args))
+    return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "score": ("batch-score images into Parquet with Ray Data", add_score_arguments, _run_score),
         "evaluate": ("report accuracy and per-class figures of Parquet predictions", add_evaluate_arguments,
                      _run_evaluate),
+        "pipeline": ("train, score the test set and evaluate, into one run directory", add_pipeline_arguments,
+                     _run_pipeline),
     }
     for name, (help_text, add_arguments, run) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

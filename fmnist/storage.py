@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 from fmnist.errors import InputError
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
     return "://" in path
 
 
@@ -24,7 +24,7 @@ class StoragePath:
 
     @classmethod
     def parse(cls, location: str) -> "StoragePath":
-        if not _is_uri(location):
+        if not is_uri(location):
             local = os.path.abspath(os.path.expanduser(location))
             return cls(pafs.LocalFileSystem(), local, local)
         try:

@@ -40,7 +40,9 @@ from fmnist.storage import StoragePath
 DEFAULT_EPOCHS = 15
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
-RECIPE_FIELDS = ("epochs", "lr", "batch_size", "hidden", "dropout", "weight_decay", "schedule", "seed")
+RECIPE_FIELDS = (
+    "epochs", "lr", "batch_size", "hidden", "dropout", "weight_decay", "label_smoothing", "schedule", "seed",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.2
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     schedule: str = "constant"  # or "cosine"
     seed: int = 0
     # where and how it runs
@@ -95,12 +98,13 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _train_one_epoch(model, optimizer, images, labels, order, batch_size, rank, world, on_batch) -> float:
-    """One pass over the training set; returns the global mean loss.
+def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smoothing, rank, world, on_batch) -> float:
+    """One pass over the training set; returns the global mean NLL loss.
 
     Step s trains on the global batch order[s*B:(s+1)*B], of which this rank takes every
     world-th sample. Each rank's loss is its sum over the global batch size times world, so
     DDP's gradient mean equals the gradient of the global batch's mean loss, for any world.
+    With label smoothing e the loss minimised is (1 - e) * NLL + e * mean over classes of -log p.
     """
     model.train()
     loss_sum = 0.0
@@ -110,8 +114,9 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, rank, 
         mine = batch[rank::world]
         log_probs = model(images[mine])
         nll = nn.functional.nll_loss(log_probs, labels[mine], reduction="sum")
+        loss = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).sum() if smoothing else nll
         optimizer.zero_grad(set_to_none=True)
-        (nll * world / len(batch)).backward()
+        (loss * world / len(batch)).backward()
         optimizer.step()
         loss_sum += nll.item()
         on_batch(step + 1, steps)
@@ -194,7 +199,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         started = time.perf_counter()
         on_batch = _ProgressSender(cfg["progress"], epoch, enabled=rank == 0)
         train_loss = _train_one_epoch(
-            model, optimizer, train_x, train_y, order, cfg["batch_size"], rank, world, on_batch
+            model, optimizer, train_x, train_y, order, cfg["batch_size"], cfg["label_smoothing"], rank, world,
+            on_batch,
         )
         train_seconds = time.perf_counter() - started
         scheduler.step()

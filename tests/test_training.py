@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -60,11 +61,14 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     while not (history_file.exists() and len(read_history(tmp_path / "cut")) >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.1)
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     interrupted_at = time.monotonic()
     output, _ = proc.communicate(timeout=60)
     assert time.monotonic() - interrupted_at < 30, "Ctrl-C took too long to stop the run"
     assert proc.returncode == 130, output
+    _, orphans = psutil.wait_procs(ray_processes, timeout=15)
+    assert not orphans, f"Ray processes left running: {[p.name() for p in orphans]}"
     assert "--resume" in output
     assert len(read_history(tmp_path / "cut")) < 3
 

@@ -1,0 +1,59 @@
+"""Failures as they happen on clusters: a worker killed mid-run, resources that are not there."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from fmnist.cli import main
+
+from conftest import REPO
+
+
+def _epochs_recorded(run_dir) -> list[str]:
+    try:
+        with open(run_dir / "history.csv") as f:
+            return [row["epoch"] for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "workflows" / "train.py"), "--epochs", "3", "--num-workers", "2",
+         "--cpus-per-worker", "1", "--max-failures", "2", "--storage-path", str(tmp_path), "--name", "ft",
+         "--data-dir", str(real_data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not _epochs_recorded(tmp_path / "ft"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert _epochs_recorded(tmp_path / "ft") == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("options, asked, has", [
+    (["--use-gpu"], "2 GPU", "0 GPU"),
+    (["--num-workers", "40", "--no-gpu"], "40 CPU", "6 CPU"),
+])
+def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
+        ray_session, real_data_dir, tmp_path, capsys, options, asked, has):
+    started = time.monotonic()
+    code = main(["train", *options, "--resource-timeout", "3", "--storage-path", str(tmp_path),
+                 "--data-dir", str(real_data_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 60
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"needs {asked}" in err and f"has {has}" in err
