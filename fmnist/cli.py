@@ -69,8 +69,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume, the run's own)")
     run.add_argument("--num-workers", type=_positive_int, default=d.num_workers,
                      help="Ray Train workers, data parallel (default %(default)s)")
-    run.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+    gpu = run.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
     run.add_argument("--cpus-per-worker", type=_positive_int, default=None,
                      help="CPUs each worker reserves and uses as torch threads "
                           "(default: the cluster's CPUs shared among the workers, locally; 1 on a cluster)")

@@ -51,8 +51,8 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, timeout_
         if not short:
             return
         if time.monotonic() >= deadline:
-            have = ", ".join(f"{total.get(k, 0):g} {k}" for k in requested)
-            want = ", ".join(f"{v:g} {k}" for k, v in requested.items())
+            have = ", ".join(f"{total.get(k, 0):g} {k}" for k in short)
+            want = ", ".join(f"{v:g} {k}" for k, v in short.items())
             raise InputError(
                 f"{what} needs {want} but the cluster has {have}; "
                 "ask for fewer workers/GPUs (--num-workers, --no-gpu) or add nodes"

@@ -37,7 +37,7 @@ from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.reporting import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 20
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
