@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from fmnist.errors import InputError
 from fmnist.model import Classifier, ModelConfig
+from fmnist.storage import StoragePath, is_uri
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
@@ -46,35 +49,39 @@ def read_metrics(directory: Path) -> dict[str, Any]:
     return json.loads((directory / METRICS_FILE).read_text())
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / MODEL_FILE).is_file())
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest test accuracy; the later epoch wins a tie."""
+def _best_of_run(run_dir: StoragePath) -> StoragePath | None:
+    """The run's checkpoint with the highest test accuracy; the later epoch wins a tie."""
     scored = []
-    for ckpt in list_checkpoints(run_dir):
+    for name in run_dir.subdirectories():
+        if not name.startswith("checkpoint_"):
+            continue
         try:
-            m = read_metrics(ckpt)
-            scored.append((m["test_accuracy"], m["epoch"], ckpt))
+            m = json.loads(run_dir.child(name).read_text(METRICS_FILE))
+            scored.append((m["test_accuracy"], m["epoch"], name))
         except (OSError, ValueError, KeyError):
             continue  # a checkpoint being written, or not ours: not a candidate
-    return max(scored)[2] if scored else None
+    return run_dir.child(max(scored)[2]) if scored else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or a run directory's best checkpoint."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist; pass a checkpoint or run directory")
-    if (path / MODEL_FILE).is_file():
-        return path
-    best = best_checkpoint(path) if path.is_dir() else None
-    if best is None:
+    """A checkpoint directory as given, or a run directory's best checkpoint, as a local path.
+
+    On object storage (s3://, gs://) the checkpoint is copied to a local temporary directory.
+    """
+    location = StoragePath.parse(str(path))
+    if not location.exists():
+        raise InputError(f"checkpoint {location.uri} does not exist; pass a checkpoint or run directory")
+    checkpoint = location if location.child(MODEL_FILE).exists() else _best_of_run(location)
+    if checkpoint is None:
         raise InputError(
-            f"{path} is neither a checkpoint directory (no {MODEL_FILE}) nor a run directory with checkpoints"
+            f"{location.uri} is neither a checkpoint directory (no {MODEL_FILE}) nor a run directory with checkpoints"
         )
-    return best
+    if not is_uri(str(path)):
+        return Path(checkpoint.path)
+    local = Path(tempfile.mkdtemp(prefix="fmnist-checkpoint-"))
+    pafs.copy_files(checkpoint.path, str(local), source_filesystem=checkpoint.fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def load_model_config(checkpoint: Path) -> ModelConfig:

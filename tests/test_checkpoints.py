@@ -1,0 +1,43 @@
+"""Finding a run's best checkpoint, locally and on URI storage, and loading it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fmnist
+from fmnist.checkpoints import resolve_checkpoint, save_checkpoint
+from fmnist.errors import InputError
+from fmnist.model import Classifier, ModelConfig
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run directory with three checkpoints; epoch 2 has the best test accuracy."""
+    config = ModelConfig(hidden=(16,))
+    for epoch, accuracy in ((1, 0.5), (2, 0.8), (3, 0.7)):
+        torch.manual_seed(epoch)
+        save_checkpoint(tmp_path / f"checkpoint_{epoch}", Classifier(config), config,
+                        {"epoch": epoch, "test_accuracy": accuracy}, {"epoch": epoch})
+    (tmp_path / "history.csv").write_text("")
+    return tmp_path
+
+
+def test_a_run_directory_means_its_best_checkpoint(run_dir):
+    assert resolve_checkpoint(run_dir) == run_dir / "checkpoint_2"
+    assert resolve_checkpoint(run_dir / "checkpoint_3") == run_dir / "checkpoint_3"
+
+
+def test_a_checkpoint_on_uri_storage_is_fetched_and_loads_the_same_model(run_dir):
+    local = resolve_checkpoint(f"file://{run_dir}")
+    assert local != run_dir / "checkpoint_2" and (local / "model.pt").read_bytes() == (
+        run_dir / "checkpoint_2" / "model.pt").read_bytes()
+    x = torch.randn(3, 784)
+    assert torch.equal(fmnist.load_model(f"file://{run_dir}")(x), fmnist.load_model(run_dir)(x))
+
+
+def test_paths_that_hold_no_checkpoint_are_refused(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="neither a checkpoint directory"):
+        resolve_checkpoint(tmp_path)
