@@ -57,3 +57,40 @@ def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
     assert code == 2 and time.monotonic() - started < 60
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert f"needs {asked}" in err and f"has {has}" in err
+
+
+def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_run, real_data_dir, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fmnist.data import load_test_split
+
+    images, labels = load_test_split(real_data_dir)
+    repeats = 20  # 200,000 rows: long enough to kill an actor mid-job
+    table = pa.table({
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(np.tile(images.reshape(-1), repeats)), 784),
+        "label": pa.array(np.tile(labels, repeats)),
+    })
+    pq.write_table(table, tmp_path / "input.parquet", row_group_size=10_000)
+    output = tmp_path / "predictions"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
+         "--input", str(tmp_path / "input.parquet"), "--output", str(output), "--concurrency", "2",
+         "--batch-size", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "MapWorker" in " ".join(p.cmdline()) and ".submit" not in " ".join(p.cmdline())]
+        if actors:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    time.sleep(2)  # let it score some batches first
+    actors[0].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    ids = pq.read_table(output, columns=["id"])["id"].to_numpy()
+    assert len(ids) == len(table) and len(np.unique(ids)) == len(table)
