@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def load_model(path: str | os.PathLike) -> Classifier:
     try:
         state = torch.load(checkpoint / MODEL_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except RuntimeError as e:  # both "corrupt file" and "does not match the config" land here
+    except (RuntimeError, pickle.UnpicklingError) as e:  # a corrupt file, or weights that do not fit the config
         first_line = str(e).strip().splitlines()[0]
         raise InputError(
             f"checkpoint {checkpoint}: {MODEL_FILE} cannot be loaded into the model of {CONFIG_FILE} ({first_line})"

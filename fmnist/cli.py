@@ -117,7 +117,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
     p.add_argument("--output", required=True, help="directory to write the Parquet predictions to")
     p.add_argument("--input", default="test",
-                   help="'test' (the 10,000 test images), a directory of images, or Parquet (default %(default)s)")
+                   help="'test' (the 10,000 test images), a directory of PNG/JPEG images (labelled where "
+                        "they sit in class-named sub-folders), or Parquet, a file or a directory (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="images per batch (default %(default)s)")

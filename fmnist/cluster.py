@@ -27,6 +27,7 @@ def start_ray(verbose: bool = False) -> bool:
         # A submitted job (or the user) names the cluster in RAY_ADDRESS; otherwise start our
         # own instance rather than join whatever `ray start` left running on this machine.
         address=os.environ.get("RAY_ADDRESS") or "local",
+        include_dashboard=False,  # ignored when joining a cluster; saves an embedded one a second
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
@@ -36,7 +37,7 @@ def start_ray(verbose: bool = False) -> bool:
     return True
 
 
-def wait_for_resources(bundle: dict[str, float], count: int, what: str, timeout_s: float) -> None:
+def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: str, timeout_s: float) -> None:
     """Fail with one clear line if the cluster lacks ``count`` x ``bundle`` after ``timeout_s``.
 
     Ray would otherwise wait forever for workers that can never be placed. On an autoscaling
@@ -54,8 +55,7 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, timeout_
             have = ", ".join(f"{total.get(k, 0):g} {k}" for k in short)
             want = ", ".join(f"{v:g} {k}" for k, v in short.items())
             raise InputError(
-                f"{what} needs {want} but the cluster has {have}; "
-                "ask for fewer workers/GPUs (--num-workers, --no-gpu) or add nodes"
+                f"{what} needs {want} but the cluster has {have}; {remedy}, or add nodes"
             )
         if not asked_autoscaler:
             from ray.autoscaler.sdk import request_resources

@@ -298,6 +298,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         use_gpu, cpus = _placement(config, started_ray)
         bundle = {"CPU": cpus, "GPU": 1 if use_gpu else 0}
         wait_for_resources(bundle, config.num_workers, f"training with {config.num_workers} workers",
+                           "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",
                            0 if started_ray else config.resource_timeout_s)
         if not config.resume:
             run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())

@@ -1,0 +1,134 @@
+"""Batch scoring throughput and peak memory: the Ray Data job against a plain single-process job.
+
+    python bench/bench_scoring.py [--rows 10000 100000 1000000] [--batch-size 1024] [--concurrency 2]
+
+Input: the 10,000 test images repeated to each row count, as one Parquet file (id, label,
+image as 784 uint8 pixels; row groups of 10,000). Both jobs read it, run the model and write
+the predictions as Parquet; the Ray job is ``workflows/score.py``, the plain one is
+``plain_job`` below (pyarrow read, torch forward, pyarrow write, in one process).
+
+Each job is timed as a whole process, Python start to exit (imports, Ray start, the job,
+Ray shutdown). Peak memory is the highest sum, over the process and all its descendants
+(Ray's raylet, GCS, workers...), of the proportional set size, sampled every 0.2 s: PSS
+counts a shared page (Ray's object store) once, not once per process that maps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fmnist.checkpoints import load_model, load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
+from fmnist.data import load_test_split  # noqa: E402
+from fmnist.model import Classifier, ModelConfig  # noqa: E402
+from fmnist.scoring import PREDICTIONS_SCHEMA, batch_pixels, predict  # noqa: E402
+
+
+def plain_job(checkpoint: str, source: str, output: str, batch_size: int) -> None:
+    """The same work as the Ray job, in one process: read a batch, score it, write it.
+
+    Row group by row group, one output file each: pyarrow's reader reads ahead through all the
+    row groups it is given, and its writer holds on to memory as a file grows.
+    """
+    model = load_model(checkpoint)
+    config = load_model_config(resolve_checkpoint(checkpoint))
+    Path(output).mkdir(parents=True)
+    parquet = pq.ParquetFile(source)
+    for group in range(parquet.num_row_groups):
+        with pq.ParquetWriter(Path(output) / f"part-{group:05d}.parquet", PREDICTIONS_SCHEMA) as writer:
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group]):
+                images = pa.table({"id": batch["id"], "path": pa.nulls(batch.num_rows, pa.string()),
+                                   "label": batch["label"], "image": batch["image"]})
+                pixels, _, _ = batch_pixels(images)
+                writer.write_table(predict(model, config, images, pixels))
+
+
+def write_input(path: Path, rows: int) -> None:
+    """The test set repeated to ``rows`` rows, one row group per 10,000."""
+    images, labels = load_test_split()
+    test = pa.table({"label": labels,
+                     "image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 28 * 28)})
+    with pq.ParquetWriter(path, test.schema.insert(0, pa.field("id", pa.int64()))) as writer:
+        for first in range(0, rows, len(test)):
+            part = test.slice(0, min(len(test), rows - first))
+            writer.write_table(part.add_column(0, "id", pa.array(range(first, first + len(part)), pa.int64())))
+
+
+def tree_pss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # ended between the listing and the reading
+    return total
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak PSS (bytes) of ``command`` and its descendants."""
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a full pipe would stall the job
+        start = time.monotonic()
+        process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, tree_pss(process))
+            time.sleep(0.2)
+        seconds = time.monotonic() - start
+        if process.returncode != 0:
+            stderr.seek(0)
+            sys.exit(f"{' '.join(command)} failed:\n{stderr.read().decode()}")
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--plain-job", nargs=3, metavar=("CHECKPOINT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_job:
+        plain_job(*args.plain_job, batch_size=args.batch_size)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Throughput does not depend on the weights: an untrained model will do.
+        checkpoint = tmp / "checkpoint"
+        save_checkpoint(checkpoint, Classifier(), ModelConfig(), {"epoch": 0, "test_accuracy": 0.0}, {})
+        jobs = {
+            "Ray Data": lambda src, out: [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint",
+                                          str(checkpoint), "--input", str(src), "--output", str(out),
+                                          "--batch-size", str(args.batch_size),
+                                          "--concurrency", str(args.concurrency)],
+            "plain": lambda src, out: [sys.executable, __file__, "--batch-size", str(args.batch_size),
+                                       "--plain-job", str(checkpoint), str(src), str(out)],
+        }
+        print("| rows | job | seconds | images/s | peak memory (PSS) |")
+        print("|---:|---|---:|---:|---:|")
+        for rows in args.rows:
+            source = tmp / f"input-{rows}.parquet"
+            write_input(source, rows)
+            throughput = {}
+            for name, command in jobs.items():
+                seconds, peak = measure(command(source, tmp / f"{name}-{rows}"))
+                throughput[name] = rows / seconds
+                print(f"| {rows:,} | {name} | {seconds:.1f} | {throughput[name]:,.0f} | {peak / 2**20:,.0f} MiB |",
+                      flush=True)
+            print(f"| {rows:,} | Ray / plain | | {throughput['Ray Data'] / throughput['plain']:.2f}x | |", flush=True)
+            source.unlink()
+
+
+if __name__ == "__main__":
+    main()

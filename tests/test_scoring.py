@@ -1,0 +1,273 @@
+"""Batch scoring: the test set, image folders and Parquet in; the SPEC's Parquet predictions out."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import fmnist
+from conftest import REPO
+from fmnist.checkpoints import CONFIG_FILE, MODEL_FILE, load_model_config, read_metrics
+from fmnist.cli import main
+from fmnist.data import load_test_split
+from fmnist.model import CLASS_NAMES, normalize
+
+SPEC_COLUMNS = [
+    ("id", pa.int64()), ("path", pa.string()), ("label", pa.int64()), ("prediction", pa.int64()),
+    ("predicted_class", pa.string()), ("confidence", pa.float32()), ("probabilities", pa.list_(pa.float32())),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> Path:
+    return Path(trained_run.best_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def test_set(real_data_dir) -> tuple[np.ndarray, np.ndarray]:
+    return load_test_split(real_data_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, test_set) -> np.ndarray:
+    """Log-probabilities of the test set from a plain in-process forward pass of the checkpoint."""
+    images, _ = test_set
+    model, config = fmnist.load_model(checkpoint), load_model_config(checkpoint)
+    with torch.no_grad():
+        return model(normalize(torch.from_numpy(images.copy()), config)).numpy()
+
+
+def score(*args: str | Path) -> int:
+    return main(["score", *map(str, args)])
+
+
+def read_predictions(directory: Path) -> pa.Table:
+    return pq.read_table(directory).sort_by("id")
+
+
+def probabilities(predictions: pa.Table) -> np.ndarray:
+    return np.stack(predictions["probabilities"].to_numpy(zero_copy_only=False))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_test_set_predictions_match_the_model_and_the_training_accuracy(
+        ray_session, trained_run, checkpoint, test_set, reference, real_data_dir, tmp_path, capsys):
+    out = tmp_path / "predictions"
+    # A run directory means its best checkpoint.
+    assert score("--checkpoint", trained_run.run_dir, "--output", out, "--data-dir", real_data_dir,
+                 "--batch-size", 700) == 0
+
+    parquet_schema = pq.read_schema(next(out.glob("*.parquet")))
+    assert [(f.name, f.type) for f in parquet_schema] == SPEC_COLUMNS
+    assert parquet_schema.metadata[b"fmnist.checkpoint"] == str(checkpoint).encode()
+    predictions = read_predictions(out)
+    _, labels = test_set
+    assert predictions["id"].to_pylist() == list(range(10_000))
+    assert predictions["label"].to_numpy().tolist() == labels.tolist()
+    assert predictions["path"].null_count == 10_000
+    prediction = predictions["prediction"].to_numpy()
+    assert (prediction == reference.argmax(axis=1)).all()
+    probs = probabilities(predictions)
+    np.testing.assert_allclose(probs, np.exp(reference), atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert (predictions["confidence"].to_numpy() == probs.max(axis=1)).all()
+    assert predictions["predicted_class"].to_pylist() == [CLASS_NAMES[p] for p in prediction]
+
+    accuracy = (prediction == labels).mean()
+    assert accuracy == pytest.approx(read_metrics(checkpoint)["test_accuracy"], abs=1e-12)
+    assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-12)
+    summary = capsys.readouterr().out
+    assert "10,000 images" in summary and str(out) in summary
+
+
+def test_image_folder_with_class_subfolders(ray_session, checkpoint, test_set, reference, tmp_path):
+    images, labels = test_set
+    folder = tmp_path / "images"
+    expected = {}  # path -> (test index, label from its folder or None)
+    for i in range(60):
+        # Class folders as a user names them ('/' is not allowed in a folder name); 10 loose files.
+        sub = folder / CLASS_NAMES[labels[i]].replace("/", "_") if i < 50 else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(sub / f"{i:03d}.png")
+        expected[str(sub / f"{i:03d}.png")] = (i, int(labels[i]) if i < 50 else None)
+    # Any size and colour mode is converted; not byte-for-byte the original, so not in `expected`.
+    Image.fromarray(images[0]).convert("RGB").resize((56, 56)).save(folder / "big_rgb.jpg")
+
+    out = tmp_path / "predictions"
+    assert score("--checkpoint", checkpoint, "--input", folder, "--output", out, "--batch-size", 16) == 0
+
+    predictions = read_predictions(out)
+    paths = predictions["path"].to_pylist()
+    assert paths == sorted([*expected, str(folder / "big_rgb.jpg")])
+    assert predictions["id"].to_pylist() == list(range(61))  # position in sorted path order
+    rows = [paths.index(p) for p in expected]
+    test_index = [i for i, _ in expected.values()]
+    assert predictions["label"].take(rows).to_pylist() == [label for _, label in expected.values()]
+    assert (predictions["prediction"].to_numpy()[rows] == reference[test_index].argmax(axis=1)).all()
+    np.testing.assert_allclose(probabilities(predictions)[rows], np.exp(reference[test_index]), atol=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["pixels", "png"])
+def test_parquet_input(ray_session, checkpoint, test_set, reference, tmp_path, encoding):
+    images, labels = test_set
+    source = tmp_path / "input"
+    source.mkdir()
+    if encoding == "pixels":
+        # No id column: ids are row positions across the files in sorted order. Small row groups,
+        # and pixels as a fixed-size list in one file, as a list in the other.
+        pixels = pa.FixedSizeListArray.from_arrays(pa.array(images[:300].reshape(-1)), 784)
+        table = pa.table({"image": pixels, "label": labels[:300]})
+        pq.write_table(table.slice(0, 120), source / "a.parquet", row_group_size=50)
+        b = table.slice(120)
+        pq.write_table(b.set_column(0, "image", b["image"].cast(pa.list_(pa.uint8()))), source / "b.parquet",
+                       row_group_size=50)
+        ids, test_index, expected_labels = list(range(300)), list(range(300)), labels[:300].tolist()
+    else:
+        test_index = list(range(100, 200))
+        ids = [5000 + i for i in test_index]
+        table = pa.table({"id": pa.array(ids, pa.int32()), "image": [png_bytes(images[i]) for i in test_index]})
+        pq.write_table(table, source / "images.parquet")
+        expected_labels = [None] * 100
+        source = source / "images.parquet"  # a single file as --input
+
+    out = tmp_path / "predictions"
+    assert score("--checkpoint", checkpoint, "--input", source, "--output", out, "--batch-size", 64) == 0
+
+    predictions = read_predictions(out)
+    assert predictions["id"].to_pylist() == ids
+    assert predictions["label"].to_pylist() == expected_labels
+    assert (predictions["prediction"].to_numpy() == reference[test_index].argmax(axis=1)).all()
+    np.testing.assert_allclose(probabilities(predictions), np.exp(reference[test_index]), atol=1e-6)
+
+
+def _copy_checkpoint(checkpoint: Path, tmp_path: Path, file: str, content: bytes) -> Path:
+    """A copy of ``checkpoint`` with ``file`` replaced by ``content``."""
+    copy = tmp_path / "checkpoint_copy"
+    shutil.copytree(checkpoint, copy)
+    (copy / file).write_bytes(content)
+    return copy
+
+
+def _write_parquet(path: Path, table: pa.Table) -> Path:
+    pq.write_table(table, path)
+    return path
+
+
+def _folder_with_a_broken_image(tmp_path: Path, images: np.ndarray) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(images[i]).save(folder / f"{i:03d}.png")
+    (folder / "020_broken.png").write_bytes(png_bytes(images[0])[:60])  # truncated
+    return folder
+
+
+BAD_INPUTS = ["missing checkpoint", "corrupt checkpoint", "config not matching the weights", "empty image folder",
+              "Parquet without rows", "Parquet without an image column", "unreadable image file"]
+
+
+def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) -> tuple[list, str]:
+    """The options that make ``case``, and what the error line must name."""
+    if case == "missing checkpoint":
+        return ["--checkpoint", tmp_path / "nowhere"], "nowhere"
+    if case == "corrupt checkpoint":  # cut short, as by a full disk
+        truncated = (checkpoint / MODEL_FILE).read_bytes()[:5000]
+        return ["--checkpoint", _copy_checkpoint(checkpoint, tmp_path, MODEL_FILE, truncated)], MODEL_FILE
+    if case == "config not matching the weights":
+        config = json.loads((checkpoint / CONFIG_FILE).read_text())
+        config["hidden"] = [300, 128, 64]
+        copy = _copy_checkpoint(checkpoint, tmp_path, CONFIG_FILE, json.dumps(config).encode())
+        return ["--checkpoint", copy], CONFIG_FILE
+    if case == "empty image folder":
+        (tmp_path / "empty").mkdir()
+        return ["--checkpoint", checkpoint, "--input", tmp_path / "empty"], str(tmp_path / "empty")
+    if case == "Parquet without rows":
+        empty = _write_parquet(tmp_path / "none.parquet", pa.table({"image": pa.array([], pa.binary())}))
+        return ["--checkpoint", checkpoint, "--input", empty], "none.parquet"
+    if case == "Parquet without an image column":
+        no_image = _write_parquet(tmp_path / "pixels.parquet", pa.table({"pixels": [b"x"]}))
+        return ["--checkpoint", checkpoint, "--input", no_image], "pixels.parquet has no column 'image'"
+    assert case == "unreadable image file"
+    folder = _folder_with_a_broken_image(tmp_path, images)
+    return ["--checkpoint", checkpoint, "--input", folder, "--batch-size", 8], "020_broken.png"
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint, test_set, tmp_path, capsys, case):
+    options, name = _bad_input(case, tmp_path, checkpoint, test_set[0])
+    out = tmp_path / "predictions"
+    assert score(*options, "--output", out) == 2
+    assert name in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    assert not out.exists()
+
+
+def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
+    folder = _folder_with_a_broken_image(tmp_path, test_set[0])
+    (folder / "030_not_an_image.jpg").write_text("hello")
+    out = tmp_path / "predictions"
+    assert score("--checkpoint", checkpoint, "--input", folder, "--output", out, "--skip-bad") == 0
+    assert read_predictions(out).num_rows == 40
+    printed = capsys.readouterr().out
+    assert "Skipped 2" in printed and "020_broken.png" in printed and "030_not_an_image.jpg" in printed
+
+
+def test_output_is_replaced_only_with_overwrite_and_only_by_a_whole_run(
+        ray_session, checkpoint, test_set, tmp_path, capsys):
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / "old.parquet").write_text("earlier predictions")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(20):
+        Image.fromarray(test_set[0][i]).save(good / f"{i:02d}.png")
+
+    assert score("--checkpoint", checkpoint, "--input", good, "--output", out) == 2
+    assert "--overwrite" in one_error_line(capsys)
+
+    # Fails midway: many batches are scored before the broken image, which sorts after them.
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert score("--checkpoint", checkpoint, "--input", bad, "--output", out, "--overwrite",
+                 "--batch-size", 2, "--concurrency", 1) == 2
+    assert "zz_broken.png" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["old.parquet"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    assert score("--checkpoint", checkpoint, "--input", good, "--output", out, "--overwrite") == 0
+    assert read_predictions(out).num_rows == 20
+
+
+def test_workflow_script_runs_on_its_own_ray(trained_run, real_data_dir, tmp_path):
+    out = tmp_path / "predictions"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
+         "--output", str(out), "--data-dir", str(real_data_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert read_predictions(out).num_rows == 10_000
+    assert "10,000 images" in run.stdout and "Traceback" not in run.stderr
