@@ -347,19 +347,24 @@ def _fit(
     history: list[dict] = []
     startup_seconds = None
     with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
-        while fit_thread.is_alive() or not progress.empty():
-            try:
-                event = progress.get(timeout=0.2)
-            except ray.util.queue.Empty:
-                continue
-            if event[0] == "batch":
-                view.batch(*event[1:])
-            else:
-                _, row, history = event
-                if startup_seconds is None:
-                    startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
-                view.epoch_done(row)
-                run_dir.write("history.csv", history_csv(history).encode())
+        try:
+            while fit_thread.is_alive() or not progress.empty():
+                try:
+                    event = progress.get(timeout=0.2)
+                except ray.util.queue.Empty:
+                    continue
+                if event[0] == "batch":
+                    view.batch(*event[1:])
+                else:
+                    _, row, history = event
+                    if startup_seconds is None:
+                        startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
+                    view.epoch_done(row)
+                    run_dir.write("history.csv", history_csv(history).encode())
+        finally:
+            # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
+            # takes CPU from the workers on a small machine.
+            if history:
                 run_dir.write("loss_curve.png", loss_curve_png(history))
     if "error" in outcome:
         raise outcome["error"]
