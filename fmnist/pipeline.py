@@ -42,5 +42,5 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     print_report(evaluation, console)
     write_json(evaluation, run_dir / "report.json")
     plot_confusion_matrix(evaluation, run_dir / "confusion_matrix.png")
-    console.print(f"report: {run_dir / 'report.json'}, {run_dir / 'confusion_matrix.png'}")
+    console.print(f"report: {run_dir / 'report.json'}\nplot:   {run_dir / 'confusion_matrix.png'}", soft_wrap=True)
     return evaluation

@@ -375,6 +375,7 @@ def _fit(
     best_accuracy = max(m["test_accuracy"] for _, m in result.best_checkpoints)
     console.print(
         f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
-        f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}"
+        f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}",
+        soft_wrap=True,  # a path a user copies stays on one line
     )
     return TrainResult(run_dir.uri, best.path, best_accuracy, history, startup_seconds)
