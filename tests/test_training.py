@@ -53,16 +53,16 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     storage = str(tmp_path)
     options = ["--epochs", "3", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
                "--storage-path", storage, "--data-dir", str(real_data_dir)]
-    # A real Ctrl-C: a separate process (its own embedded Ray), SIGINT once epoch 1 is recorded.
+    # A real Ctrl-C: a separate process (its own embedded Ray), interrupted once epoch 1 is recorded.
     proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     history_file = tmp_path / "cut" / "history.csv"
     deadline = time.monotonic() + 180
     while not (history_file.exists() and len(read_history(tmp_path / "cut")) >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.1)
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
     interrupted_at = time.monotonic()
     output, _ = proc.communicate(timeout=60)
     assert time.monotonic() - interrupted_at < 30, "Ctrl-C took too long to stop the run"
