@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from fmnist.checkpoints import load_training_state, save_checkpoint
+from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
 from fmnist.cluster import start_ray, wait_for_resources
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError
@@ -84,11 +83,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -167,7 +161,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     model_config = ModelConfig.from_dict(cfg["model_config"])
     epochs, seed = cfg["epochs"], cfg["seed"]
 
-    _seed_everything(seed)  # the same initial weights on every rank
+    torch.manual_seed(seed)  # the same initial weights on every rank
     model = Classifier(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = _make_scheduler(optimizer, cfg["schedule"], epochs)
@@ -176,7 +170,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint:  # resumed by --resume, or restarted after a worker failure
         with checkpoint.as_directory() as d:
             state = load_training_state(Path(d))
-            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         first_epoch, history = state["epoch"] + 1, state["history"]
@@ -193,7 +187,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(first_epoch, epochs + 1):
         # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted
         # epoch draws exactly what an uninterrupted run would have drawn.
-        _seed_everything(seed * 100_003 + epoch * 1_009 + rank)
+        torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # dropout masks
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         order = order.to(device)
         started = time.perf_counter()
