@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -38,6 +39,7 @@ def loss_curve_png(history: list[dict]) -> bytes:
     acc_ax.set(title="Test accuracy", xlabel="epoch", ylabel="%")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100)
