@@ -49,6 +49,19 @@ def _checked(convert, accept, expected: str):
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+
+
+def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> None:
+    p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_non_negative, default=default,
+                   metavar="SECONDS",
+                   help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)s)")
+
+
+def _config_from_args(config_class, args: argparse.Namespace):
+    """A config dataclass from parsed options: each option's dest is one of its fields."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,9 +89,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
     run.add_argument("--max-failures", type=int, default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
-    run.add_argument("--resource-timeout", dest="resource_timeout_s", type=float, default=d.resource_timeout_s,
-                     metavar="SECONDS",
-                     help="on a cluster, how long to wait for the workers' CPUs/GPUs to appear (default %(default)s)")
+    _resource_timeout_argument(run, d.resource_timeout_s)
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
     recipe.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
@@ -87,7 +98,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
                         help="hidden layer widths (default 256,128,64)")
     recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
-    recipe.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    recipe.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay,
                         help="Adam weight decay (default %(default)s)")
     recipe.add_argument("--label-smoothing", type=_probability, default=d.label_smoothing,
                         help="label smoothing of the training loss (default %(default)s)")
@@ -97,11 +108,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    """The TrainConfig of parsed train options (each option's dest is a TrainConfig field)."""
     from fmnist.training import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return _config_from_args(TrainConfig, args)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -127,17 +136,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    _resource_timeout_argument(p, d.resource_timeout_s)
     p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
 
 
 def _run_score(args: argparse.Namespace) -> int:
     from fmnist.scoring import ScoreConfig, score
 
-    score(ScoreConfig(
-        checkpoint=args.checkpoint, output=args.output, input=args.input, data_dir=args.data_dir,
-        batch_size=args.batch_size, concurrency=args.concurrency, use_gpu=args.use_gpu,
-        overwrite=args.overwrite, skip_bad=args.skip_bad, verbose=args.verbose,
-    ))
+    score(_config_from_args(ScoreConfig, args))
     return 0
 
 
