@@ -163,19 +163,22 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = Classifier(model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = _make_scheduler(optimizer, cfg["schedule"], epochs)
-    first_epoch, history = 1, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resumed by --resume, or restarted after a worker failure
+    checkpoint = ray.train.get_checkpoint()  # set when resumed, or restarted after a worker failure
+    state = None
+    if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training_state(Path(d))
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
+    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    bare_model = model.module if hasattr(model, "module") else model
+    # Made after the move: loading a state dict puts the optimizer's state on its parameters' device.
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = _make_scheduler(optimizer, cfg["schedule"], epochs)
+    first_epoch, history = 1, []
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         first_epoch, history = state["epoch"] + 1, state["history"]
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
-    bare_model = model.module if hasattr(model, "module") else model
 
     data = cfg["data"]
     # torch.tensor copies: the object store's arrays are read-only.
