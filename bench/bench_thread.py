@@ -1,45 +1,52 @@
-"""Why Ray Train's 1 worker trails a plain loop here: torch in a non-main thread.
+"""Torch on a second thread, as Ray Train V2 runs the training function: does it cost?
 
     python bench/bench_thread.py
 
-Ray Train V2 runs the training function in a thread of the worker process. This times the
-plain in-memory loop of bench_training.py (b) on the main thread and on a second thread,
-with 1 and 2 torch threads, in one process without Ray.
+Times the plain in-memory loop of bench_training.py (b), 2 torch threads, each case in a
+fresh process: on the main thread; on a second thread; on a second thread after the main
+thread has itself run torch (one epoch). Ray Train's worker runs the training function on
+a second thread and no torch on its main thread: the second case.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+CASES = {
+    "main": "main thread",
+    "thread": "second thread",
+    "thread-after-main": "second thread, after torch on the main thread",
+}
 
-from bench_training import plain_loop  # noqa: E402
 
+def run_case(case: str, epochs: int = 3) -> float:
+    from bench_training import plain_loop
 
-def on_thread(torch_threads: int, epochs: int = 2) -> float:
+    if case == "main":
+        return plain_loop(epochs)
+    if case == "thread-after-main":
+        plain_loop(1)
     result = []
-
-    def run():
-        torch.set_num_threads(torch_threads)
-        result.append(plain_loop(epochs))
-
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=lambda: result.append(plain_loop(epochs)))
     thread.start()
     thread.join()
     return result[0]
 
 
 def main() -> None:
-    print("| torch threads | main thread s/epoch | other thread s/epoch |")
-    print("|---:|---:|---:|")
-    for torch_threads in (1, 2):
-        torch.set_num_threads(torch_threads)
-        main_thread = plain_loop(2)
-        print(f"| {torch_threads} | {main_thread:.2f} | {on_thread(torch_threads):.2f} |", flush=True)
+    if len(sys.argv) == 3 and sys.argv[1] == "--case":
+        print(run_case(sys.argv[2]))
+        return
+    print("| where the loop runs | s/epoch |")
+    print("|---|---:|")
+    for case, label in CASES.items():
+        out = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
+        print(f"| {label} | {float(out.stdout.split()[-1]):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Training speed: the tutorial's loop, a plain in-memory loop, and our Ray Train run.
 
-    python bench/bench_training.py [--epochs 3]
+    python bench/bench_training.py [--epochs 4] [--rounds 3]
 
 (a) the tutorial: torchvision dataset + DataLoader, ToTensor + Normalize, batch 200;
 (b) a plain single-process loop over in-memory tensors, same model, optimizer and batch;
 (c) `fmnist train` (Ray Train) with 1 and with 2 workers, embedded Ray started per run.
-Reported: train seconds per epoch (mean over epochs), samples/s, and for (c) the start-up:
-from the call of train() to the start of the first epoch (Ray, workers, data).
+Per-epoch times on a small VM swing by 10-20% within a minute, so the runs go in rounds,
+(a) (b) (c) one after the other, and each figure is the median over rounds of a run's
+median epoch; the ratios to (b) are also given per round, where both ran in the same minute.
+Reported: train seconds per epoch, samples/s, and for (c) the start-up: from the call of
+train() to the start of the first epoch (Ray, workers, data).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,14 +36,14 @@ TRAIN_SAMPLES = 60_000
 
 
 def _epochs(step_fn, batches, epochs: int) -> float:
-    """Mean seconds of one training pass."""
+    """Median seconds of one training pass."""
     times = []
     for _ in range(epochs):
         started = time.perf_counter()
         for images, labels in batches():
             step_fn(images, labels)
         times.append(time.perf_counter() - started)
-    return sum(times) / len(times)
+    return statistics.median(times)
 
 
 def _step_fn():
@@ -90,25 +94,43 @@ def ray_train(workers: int, epochs: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as storage:
         result = train(TrainConfig(epochs=epochs, num_workers=workers, storage_path=storage, name="bench"),
                        console=Console(quiet=True))
-    per_epoch = sum(r["train_seconds"] for r in result.history) / epochs
-    return per_epoch, result.startup_seconds
+    return statistics.median(r["train_seconds"] for r in result.history), result.startup_seconds
+
+
+RUNS = ("(a) tutorial loop (DataLoader)", "(b) plain in-memory loop", "(c) Ray Train, 1 worker",
+        "(c) Ray Train, 2 workers")
+
+
+def one_round(epochs: int) -> list[tuple[float, float | None]]:
+    """(seconds per epoch, start-up seconds or None) for each of RUNS, run one after the other."""
+    return [(tutorial_loop(find_data_dir(), epochs), None), (plain_loop(epochs), None),
+            ray_train(1, epochs), ray_train(2, epochs)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    rows = [("(a) tutorial loop (DataLoader)", tutorial_loop(find_data_dir(), args.epochs), None),
-            ("(b) plain in-memory loop", plain_loop(args.epochs), None)]
-    for workers in (1, 2):
-        rows.append((f"(c) Ray Train, {workers} worker{'s' * (workers > 1)}", *ray_train(workers, args.epochs)))
-    plain = rows[1][1]
-    tutorial = rows[0][1]
-    print(f"| run | train s/epoch | samples/s | vs (b) | speed-up over (a) | start-up s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, seconds, overhead in rows:
-        print(f"| {name} | {seconds:.2f} | {TRAIN_SAMPLES / seconds:,.0f} | {seconds / plain:.2f}x | "
-              f"{tutorial / seconds:.1f}x | {'' if overhead is None else f'{overhead:.1f}'} |")
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(one_round(args.epochs))
+        print(f"round {r + 1}: " + ", ".join(f"{s:.2f}" for s, _ in rounds[-1]) + " s/epoch", flush=True)
+
+    def median(run: int) -> float:
+        return statistics.median(rnd[run][0] for rnd in rounds)
+
+    tutorial, plain = median(0), median(1)
+    print("| run | train s/epoch (min-max) | samples/s | vs (b) | vs (b), per round | speed-up over (a) | start-up s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run, name in enumerate(RUNS):
+        seconds = median(run)
+        spread = f"{min(rnd[run][0] for rnd in rounds):.2f}-{max(rnd[run][0] for rnd in rounds):.2f}"
+        paired = ", ".join(f"{rnd[run][0] / rnd[1][0]:.2f}" for rnd in rounds)
+        startups = [rnd[run][1] for rnd in rounds if rnd[run][1] is not None]
+        startup = f"{statistics.median(startups):.1f}" if startups else ""
+        print(f"| {name} | {seconds:.2f} ({spread}) | {TRAIN_SAMPLES / seconds:,.0f} | {seconds / plain:.2f}x | "
+              f"{paired} | {tutorial / seconds:.1f}x | {startup} |")
 
 
 if __name__ == "__main__":
