@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from fmnist.errors import InputError
@@ -50,6 +52,19 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+
+
+def _output_file(text: str) -> str:
+    """An argparse type for a file to write: checked before the work, not after it."""
+    path = Path(text)
+    directory = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; pass a file path")
+    if not directory.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {str(directory)!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise argparse.ArgumentTypeError(f"directory {str(directory)!r} is not writable")
+    return text
 
 
 def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> None:
@@ -149,8 +164,9 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("predictions", metavar="PREDICTIONS_DIR", help="directory of Parquet predictions")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--plot", default=None, metavar="FILE", help="write the confusion matrix as a PNG heatmap")
+    p.add_argument("--json", type=_output_file, default=None, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--plot", type=_output_file, default=None, metavar="FILE",
+                   help="write the confusion matrix as a PNG heatmap")
     p.add_argument("--min-accuracy", type=float, default=None, metavar="A",
                    help="exit 1 when accuracy is below A (a fraction, e.g. 0.88)")
 

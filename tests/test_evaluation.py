@@ -261,8 +261,9 @@ def test_unwritable_output_is_exit_2_and_leaves_nothing(realistic, tmp_path, cap
 
     assert main(["evaluate", str(directory), option, str(target)]) == 2
 
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot write {option}") and err.count("\n") == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: argument {option}: directory") and captured.err.count("\n") == 1
+    assert captured.out == ""  # refused before the work, not after printing the report
     assert os.listdir(tmp_path) == []
 
 
