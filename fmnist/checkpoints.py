@@ -4,7 +4,7 @@ A checkpoint directory holds
   model.pt            the model's state dict
   model_config.json   ModelConfig: enough to rebuild the model without the training options
   metrics.json        the epoch's figures (epoch, train_loss, test_loss, test_accuracy, ...)
-  training_state.pt   what resuming needs: optimizer, scheduler, epoch, RNG state, history
+  training_state.pt   what resuming needs: optimizer, epoch, seed, history
 A run directory holds Ray Train's ``checkpoint_*`` directories; "the run" means its best one
 by test accuracy.
 """
@@ -42,8 +42,7 @@ def save_checkpoint(
 
 
 def load_training_state(directory: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds Python RNG state and the history, written by us.
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def read_metrics(directory: Path) -> dict[str, Any]:

@@ -133,10 +133,15 @@ def _evaluate(model, images, labels, rank, world) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def _make_scheduler(optimizer, schedule: str, epochs: int):
-    if schedule == "cosine":  # stepped once per epoch, to zero after the last
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+def learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """Epoch ``epoch``'s (1-based) learning rate: constant, or cosine from ``lr`` towards 0 at the end.
+
+    A function of the epoch alone, so a resumed run, or one extended with --epochs, follows
+    the schedule of a run planned for that many epochs.
+    """
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    return lr
 
 
 class _ProgressSender:
@@ -173,11 +178,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     bare_model = model.module if hasattr(model, "module") else model
     # Made after the move: loading a state dict puts the optimizer's state on its parameters' device.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = _make_scheduler(optimizer, cfg["schedule"], epochs)
     first_epoch, history = 1, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         first_epoch, history = state["epoch"] + 1, state["history"]
 
     data = cfg["data"]
@@ -193,6 +196,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # dropout masks
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         order = order.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg["lr"], cfg["schedule"], epoch, epochs)
         started = time.perf_counter()
         on_batch = _ProgressSender(cfg["progress"], epoch, enabled=rank == 0)
         train_loss = _train_one_epoch(
@@ -200,7 +205,6 @@ def train_loop_per_worker(cfg: dict) -> None:
             on_batch,
         )
         train_seconds = time.perf_counter() - started
-        scheduler.step()
         test_loss, test_accuracy = _evaluate(bare_model, test_x, test_y, rank, world)
         row = {
             "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy,
@@ -212,8 +216,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             if rank == 0:
                 row["epoch_seconds"] = time.perf_counter() - started  # the checkpoint's own save included
                 history.append(row)
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "seed": seed, "history": history}
+                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "seed": seed, "history": history}
                 save_checkpoint(Path(tmp), bare_model, model_config, row, state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=ckpt)

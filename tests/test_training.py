@@ -18,7 +18,7 @@ from fmnist.cli import main
 from fmnist.data import load_fashion_mnist
 from fmnist.model import normalize
 from fmnist.reporting import HISTORY_COLUMNS
-from fmnist.training import TrainConfig, train
+from fmnist.training import TrainConfig, learning_rate, train
 
 from conftest import REPO
 
@@ -51,7 +51,7 @@ def test_two_workers_one_epoch_reaches_80_percent_and_leaves_its_artifacts(train
 
 def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray_session, real_data_dir, tmp_path):
     storage = str(tmp_path)
-    options = ["--epochs", "3", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
+    options = ["--epochs", "3", "--schedule", "cosine", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
                "--storage-path", storage, "--data-dir", str(real_data_dir)]
     # A real Ctrl-C: a separate process (its own embedded Ray), interrupted once epoch 1 is recorded.
     proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
@@ -77,11 +77,21 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     resumed = read_history(tmp_path / "cut")
     assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
 
-    uninterrupted = train(TrainConfig(epochs=3, num_workers=2, cpus_per_worker=1, seed=7, storage_path=storage,
-                                      name="whole", data_dir=str(real_data_dir)))
+    uninterrupted = train(TrainConfig(epochs=3, schedule="cosine", num_workers=2, cpus_per_worker=1, seed=7,
+                                      storage_path=storage, name="whole", data_dir=str(real_data_dir)))
     for got, want in zip(resumed, uninterrupted.history):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert float(got[key]) == pytest.approx(want[key], rel=1e-5), (got["epoch"], key)
+
+
+def test_cosine_schedule_falls_from_lr_towards_zero_over_the_run():
+    rates = [learning_rate(0.002, "cosine", epoch, 10) for epoch in range(1, 11)]
+    assert rates[0] == 0.002
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert 0 < rates[-1] < 0.0001
+    # A run extended to 20 epochs on resume continues on a 20-epoch curve, not on the old one.
+    assert learning_rate(0.002, "cosine", 11, 20) > rates[-1]
+    assert learning_rate(0.002, "constant", 7, 10) == 0.002
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys):
