@@ -151,7 +151,8 @@ def _image_dir_input(directory: Path, class_names: tuple[str, ...]) -> _Input:
     return _Input(len(files), table=rows)
 
 
-def _check_parquet_schema(file: Path, schema: pa.Schema) -> None:
+def _check_parquet_schema(file: Path, schema: pa.Schema) -> str:
+    """The file's image encoding ('bytes' or 'pixels'), or an InputError for what scoring can't read."""
     if "image" not in schema.names:
         raise InputError(f"{file} has no column 'image'; scoring needs {IMAGE_COLUMN_HELP}")
     kind = schema.field("image").type
@@ -162,17 +163,22 @@ def _check_parquet_schema(file: Path, schema: pa.Schema) -> None:
     for name in ("id", "label"):
         if name in schema.names and not pa.types.is_integer(schema.field(name).type):
             raise InputError(f"{file}: column '{name}' is {schema.field(name).type}; it must hold integers")
+    return "bytes" if is_bytes else "pixels"
 
 
 def _parquet_input(files: list[Path]) -> _Input:
     row_groups, rows = [], 0
+    encodings: dict[str, Path] = {}  # image encoding -> the first file that has it
     for file in files:
         try:
             with pq.ParquetFile(file) as parquet:
                 schema, metadata = parquet.schema_arrow, parquet.metadata
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{file} is not a readable Parquet file ({' '.join(str(e).split())})") from None
-        _check_parquet_schema(file, schema)
+        encodings.setdefault(_check_parquet_schema(file, schema), file)
+        if len(encodings) > 1:  # batches mix rows of several files: one encoding for all
+            raise InputError(f"{encodings['pixels']} holds pixel lists but {encodings['bytes']} image bytes in "
+                             "column 'image'; score them as separate inputs")
         for index in range(metadata.num_row_groups):
             row_groups.append(_RowGroup(str(file), index, metadata.row_group(index).num_rows, first_id=rows))
             rows += row_groups[-1].rows

@@ -185,7 +185,8 @@ def _folder_with_a_broken_image(tmp_path: Path, images: np.ndarray) -> Path:
 
 
 BAD_INPUTS = ["missing checkpoint", "corrupt checkpoint", "config not matching the weights", "empty image folder",
-              "Parquet without rows", "Parquet without an image column", "unreadable image file"]
+              "Parquet without rows", "Parquet without an image column", "Parquet files of mixed image encodings",
+              "unreadable image file"]
 
 
 def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) -> tuple[list, str]:
@@ -209,6 +210,12 @@ def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) 
     if case == "Parquet without an image column":
         no_image = _write_parquet(tmp_path / "pixels.parquet", pa.table({"pixels": [b"x"]}))
         return ["--checkpoint", checkpoint, "--input", no_image], "pixels.parquet has no column 'image'"
+    if case == "Parquet files of mixed image encodings":
+        (tmp_path / "mixed").mkdir()
+        _write_parquet(tmp_path / "mixed" / "a.parquet", pa.table({"image": [png_bytes(images[0])]}))
+        pixels = pa.array([images[1].reshape(-1)], pa.list_(pa.uint8()))
+        _write_parquet(tmp_path / "mixed" / "b.parquet", pa.table({"image": pixels}))
+        return ["--checkpoint", checkpoint, "--input", tmp_path / "mixed"], "b.parquet holds pixel lists"
     assert case == "unreadable image file"
     folder = _folder_with_a_broken_image(tmp_path, images)
     return ["--checkpoint", checkpoint, "--input", folder, "--batch-size", 8], "020_broken.png"
