@@ -247,3 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def workflow_main(command: str) -> None:
     """Entry point of workflows/<command>.py: ``python workflows/train.py ...``."""
     sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":  # python -m fmnist.cli ...
+    sys.exit(main())
