@@ -136,6 +136,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.scoring import CPU_ACTORS
     from fmnist.scoring import ScoreConfig as d
 
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
@@ -146,8 +147,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="images per batch (default %(default)s)")
-    p.add_argument("--concurrency", type=_positive_int, default=d.concurrency,
-                   help="model actors (default %(default)s)")
+    p.add_argument("--concurrency", type=_positive_int, default=d.concurrency, metavar="N",
+                   help=f"model actors (default {CPU_ACTORS}; with --use-gpu, one per GPU of the cluster)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")

@@ -58,6 +58,7 @@ ROWS_PER_FILE = 100_000  # few, large output files rather than one per batch
 # Parquet input: rows per Ray Data read task and block. Larger blocks cost memory (each is held
 # whole in the object store), smaller ones scheduling time.
 ROWS_PER_READ_TASK = 50_000
+CPU_ACTORS = 2  # model actors on CPUs, unless told otherwise
 IMAGE_COLUMN_HELP = "a column 'image' of 784 uint8 pixels (a list) or of PNG/JPEG bytes (binary)"
 
 
@@ -68,7 +69,7 @@ class ScoreConfig:
     input: str = "test"  # 'test', a directory of images, or a Parquet file or directory
     data_dir: str | None = None  # Fashion-MNIST IDX files, for input 'test'
     batch_size: int = 1024
-    concurrency: int = 2  # model actors
+    concurrency: int | None = None  # model actors; None: CPU_ACTORS, or with use_gpu one per GPU there is
     use_gpu: bool = False  # one GPU per actor
     overwrite: bool = False
     skip_bad: bool = False  # skip unreadable images instead of failing
@@ -367,6 +368,14 @@ class Predictor:
         return predictions
 
 
+def _default_actors(use_gpu: bool) -> int:
+    """CPU_ACTORS; on GPUs, one actor per GPU the cluster has now (1 where it has none yet: an
+    autoscaling cluster starts one GPU node for it)."""
+    if not use_gpu:
+        return CPU_ACTORS
+    return max(1, int(ray.cluster_resources().get("GPU", 0)))
+
+
 def _placement(use_gpu: bool, actors: int, started_ray: bool) -> tuple[float, int]:
     """The CPUs each model actor reserves, and the torch threads it runs."""
     if use_gpu or not started_ray:
@@ -486,7 +495,8 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: _Input,
                  started_ray: bool) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> the model actors' predictions; and their tally."""
-    actors = min(config.concurrency, source.blocks(config.batch_size))  # more would have nothing to do
+    actors = config.concurrency or _default_actors(config.use_gpu)
+    actors = min(actors, source.blocks(config.batch_size))  # more would have nothing to do
     cpus, threads = _placement(config.use_gpu, actors, started_ray)
     wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors, f"scoring with {actors} model actors",
                        "ask for fewer (--concurrency) or leave out --use-gpu",

@@ -44,15 +44,19 @@ def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_
     assert _epochs_recorded(tmp_path / "ft") == ["1", "2", "3"]
 
 
-@pytest.mark.parametrize("options, asked, has", [
-    (["--use-gpu"], "2 GPU", "0 GPU"),
-    (["--num-workers", "40", "--no-gpu"], "40 CPU", "6 CPU"),
+@pytest.mark.parametrize("command, asked, has", [
+    (["train", "--use-gpu"], "2 GPU", "0 GPU"),
+    (["train", "--num-workers", "40", "--no-gpu"], "40 CPU", "6 CPU"),
+    (["score", "--use-gpu"], "1 GPU", "0 GPU"),  # by default one actor per GPU, and at least one
 ])
 def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
-        ray_session, real_data_dir, tmp_path, capsys, options, asked, has):
+        ray_session, trained_run, real_data_dir, tmp_path, capsys, command, asked, has):
+    if command[0] == "train":
+        options = ["--storage-path", str(tmp_path)]
+    else:
+        options = ["--checkpoint", trained_run.run_dir, "--output", str(tmp_path / "predictions")]
     started = time.monotonic()
-    code = main(["train", *options, "--resource-timeout", "3", "--storage-path", str(tmp_path),
-                 "--data-dir", str(real_data_dir)])
+    code = main([*command, *options, "--resource-timeout", "3", "--data-dir", str(real_data_dir)])
     err = capsys.readouterr().err
     assert code == 2 and time.monotonic() - started < 60
     assert err.count("\n") == 1 and err.startswith("error: ")
