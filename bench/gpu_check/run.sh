@@ -117,11 +117,11 @@ EOF
     --storage-path "$WORK/runs" --name gpu
   cp "$WORK/runs/gpu/history.csv" "$WORK/runs/gpu/loss_curve.png" "$OUT/"
 
-  # One model actor: each takes a whole GPU, and the default of 2 would wait for a second GPU.
+  # score has --use-gpu but no --no-gpu; with --use-gpu it runs one model actor per GPU.
   local score_gpu=()
   [[ $GPU_FLAG == --use-gpu ]] && score_gpu=(--use-gpu)
   step score "$PYTHON" workflows/score.py --checkpoint "$WORK/runs/gpu" --input test \
-    --output "$WORK/predictions" --concurrency 1 "${score_gpu[@]}"
+    --output "$WORK/predictions" "${score_gpu[@]}"
 
   step evaluate "$PYTHON" workflows/evaluate.py "$WORK/predictions" --json "$OUT/evaluation.json" \
     --plot "$OUT/confusion_matrix.png" --min-accuracy "$MIN_ACCURACY"
