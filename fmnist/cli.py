@@ -80,13 +80,13 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.training import DEFAULT_EPOCHS, TrainConfig
+    from fmnist.training import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 
     d = TrainConfig()
     run = p.add_argument_group("run")
     run.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume, the run's own)")
-    run.add_argument("--num-workers", type=_positive_int, default=d.num_workers,
-                     help="Ray Train workers, data parallel (default %(default)s)")
+    run.add_argument("--num-workers", type=_positive_int, default=d.num_workers, metavar="W",
+                     help=f"Ray Train workers, data parallel (default {CPU_WORKERS}; on GPUs, one per GPU of the cluster)")
     gpu = run.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")

@@ -37,6 +37,7 @@ from fmnist.reporting import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
 DEFAULT_EPOCHS = 20
+CPU_WORKERS = 2  # workers on CPUs, unless told otherwise: enough to show DDP on one machine
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
@@ -57,7 +58,7 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine"
     seed: int = 0
     # where and how it runs
-    num_workers: int = 2
+    num_workers: int | None = None  # None: CPU_WORKERS, or on GPUs one per GPU there is
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     cpus_per_worker: int | None = None
     storage_path: str = "./runs"
@@ -254,16 +255,20 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     return run_dir, replace(config, name=name, epochs=config.epochs or saved["epochs"], **recipe)
 
 
-def _placement(config: TrainConfig, started_ray: bool) -> tuple[bool, int]:
-    """Whether to use GPUs, and the CPUs (= torch threads) of each worker."""
+def _placed(config: TrainConfig, started_ray: bool) -> TrainConfig:
+    """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
     total = ray.cluster_resources()
-    use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
+    gpus = int(total.get("GPU", 0))
+    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    # On GPUs, one worker per GPU there is now (1 where there is none yet: an autoscaling cluster
+    # starts a GPU node for it).
+    workers = config.num_workers or (max(1, gpus) if use_gpu else CPU_WORKERS)
     cpus = config.cpus_per_worker
     if cpus is None:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
         # Ray Train's default of 1 so that workers pack onto nodes.
-        cpus = max(1, int(total.get("CPU", 1)) // config.num_workers) if started_ray else 1
-    return use_gpu, cpus
+        cpus = max(1, int(total.get("CPU", 1)) // workers) if started_ray else 1
+    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
 
 
 @contextlib.contextmanager
@@ -290,27 +295,26 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     called_at = time.perf_counter()
     run_dir, config = _pick_run_dir(config)
-    if config.batch_size < config.num_workers:
-        raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}")
     data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
     started_ray = start_ray(config.verbose)
     try:
-        use_gpu, cpus = _placement(config, started_ray)
-        bundle = {"CPU": cpus, "GPU": 1 if use_gpu else 0}
+        config = _placed(config, started_ray)
+        if config.batch_size < config.num_workers:
+            raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}")
+        bundle = {"CPU": config.cpus_per_worker, "GPU": 1 if config.use_gpu else 0}
         wait_for_resources(bundle, config.num_workers, f"training with {config.num_workers} workers",
                            "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",
                            0 if started_ray else config.resource_timeout_s)
         if not config.resume:
             run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, use_gpu, cpus, console, called_at)
+        return _fit(config, run_dir, data, console, called_at)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(
-    config: TrainConfig, run_dir: StoragePath, data, use_gpu: bool, cpus: int, console: Console, called_at: float
-) -> TrainResult:
+def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float) -> TrainResult:
+    """Run the trainer (``config`` placed) while drawing its progress and writing the run's files."""
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -318,14 +322,15 @@ def _fit(
     loop_config = {
         "data": {k: ray.put(getattr(data, k)) for k in ("train_images", "train_labels", "test_images", "test_labels")},
         "model_config": config.model_config().to_dict(),
-        "threads": cpus, "progress": progress,
+        "threads": config.cpus_per_worker, "progress": progress,
         **{k: getattr(config, k) for k in RECIPE_FIELDS},
     }
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
@@ -336,7 +341,8 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
-    where = "GPU" if use_gpu else f"CPU, {cpus} thread{'s' * (cpus > 1)} each"
+    cpus = config.cpus_per_worker
+    where = "GPU" if config.use_gpu else f"CPU, {cpus} thread{'s' * (cpus > 1)} each"
     verb = "Resuming" if config.resume else "Training"
     console.print(f"[bold]{verb}[/] {run_dir.uri}: {config.epochs} epochs on {config.num_workers} workers ({where})")
 

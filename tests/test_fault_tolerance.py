@@ -45,9 +45,11 @@ def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_
 
 
 @pytest.mark.parametrize("command, asked, has", [
-    (["train", "--use-gpu"], "2 GPU", "0 GPU"),
+    # On GPUs, by default one worker or model actor per GPU there is, and at least one.
+    (["train", "--use-gpu"], "1 GPU", "0 GPU"),
+    (["train", "--use-gpu", "--num-workers", "2"], "2 GPU", "0 GPU"),
     (["train", "--num-workers", "40", "--no-gpu"], "40 CPU", "6 CPU"),
-    (["score", "--use-gpu"], "1 GPU", "0 GPU"),  # by default one actor per GPU, and at least one
+    (["score", "--use-gpu"], "1 GPU", "0 GPU"),
 ])
 def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
         ray_session, trained_run, real_data_dir, tmp_path, capsys, command, asked, has):
