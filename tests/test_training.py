@@ -54,8 +54,14 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     options = ["--epochs", "3", "--schedule", "cosine", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
                "--storage-path", storage, "--data-dir", str(real_data_dir)]
     # A real Ctrl-C: a separate process (its own embedded Ray), interrupted once epoch 1 is recorded.
-    proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit
+    # that; a handled signal is reset to its default on exec instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     history_file = tmp_path / "cut" / "history.csv"
     deadline = time.monotonic() + 180
     while not (history_file.exists() and len(read_history(tmp_path / "cut")) >= 1):
