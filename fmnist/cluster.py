@@ -37,6 +37,12 @@ def start_ray(verbose: bool = False) -> bool:
     return True
 
 
+def one_per_gpu() -> int:
+    """How many workers or actors "one per GPU" makes: the cluster's GPUs now, and 1 where it has
+    none yet (an autoscaling cluster starts a GPU node for it)."""
+    return max(1, int(ray.cluster_resources().get("GPU", 0)))
+
+
 def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: str, timeout_s: float) -> None:
     """Fail with one clear line if the cluster lacks ``count`` x ``bundle`` after ``timeout_s``.
 

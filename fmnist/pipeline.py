@@ -29,10 +29,9 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     try:
         trained = train(config, console)
         run_dir = Path(trained.run_dir)
-        use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         console.rule("Scoring the test set")
         scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=str(run_dir / "predictions"),
-                                   data_dir=config.data_dir, use_gpu=use_gpu, overwrite=True,
+                                   data_dir=config.data_dir, use_gpu=trained.use_gpu, overwrite=True,
                                    verbose=config.verbose), console)
     finally:
         if started_ray:

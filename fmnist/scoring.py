@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fmnist.checkpoints import load_model, load_model_config, resolve_checkpoint
-from fmnist.cluster import start_ray, wait_for_resources
+from fmnist.cluster import one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_test_split
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
@@ -152,12 +152,17 @@ def _image_dir_input(directory: Path, class_names: tuple[str, ...]) -> _Input:
     return _Input(len(files), table=rows)
 
 
+def _is_image_bytes(kind: pa.DataType) -> bool:
+    """Whether an 'image' column of this type holds encoded PNG/JPEG bytes (else pixel lists)."""
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
 def _check_parquet_schema(file: Path, schema: pa.Schema) -> str:
     """The file's image encoding ('bytes' or 'pixels'), or an InputError for what scoring can't read."""
     if "image" not in schema.names:
         raise InputError(f"{file} has no column 'image'; scoring needs {IMAGE_COLUMN_HELP}")
     kind = schema.field("image").type
-    is_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    is_bytes = _is_image_bytes(kind)
     is_pixels = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     if not (is_bytes or (is_pixels and kind.value_type == pa.uint8())):
         raise InputError(f"{file}: column 'image' is {kind}; scoring needs {IMAGE_COLUMN_HELP}")
@@ -243,8 +248,7 @@ def _read_row_groups(groups: list[_RowGroup], batch_size: int) -> Iterator[pa.Ta
 def _common_image_type(images: pa.Array) -> pa.Array:
     # Files of one input may hold (fixed-size or large) lists, or (large) binary: one type per
     # encoding lets Ray Data put rows of different files in one batch.
-    is_bytes = pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type)
-    return images.cast(pa.binary() if is_bytes else pa.list_(pa.uint8()))
+    return images.cast(pa.binary() if _is_image_bytes(images.type) else pa.list_(pa.uint8()))
 
 
 def _open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) -> _Input:
@@ -286,7 +290,7 @@ def batch_pixels(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
     Images come as pixel lists, as PNG/JPEG bytes, or, without an 'image' column, as files at 'path'.
     """
     column = batch["image"].combine_chunks() if "image" in batch.column_names else None
-    if column is not None and not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+    if column is not None and not _is_image_bytes(column.type):
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
         readable = lengths == IMAGE_PIXELS
         pixels = column.filter(pa.array(readable)).flatten().to_numpy(zero_copy_only=False, writable=True)
@@ -366,14 +370,6 @@ class Predictor:
         predictions = predict(self.model, self.config, batch, pixels)
         self.tally.add.remote(len(predictions), [])
         return predictions
-
-
-def _default_actors(use_gpu: bool) -> int:
-    """CPU_ACTORS; on GPUs, one actor per GPU the cluster has now (1 where it has none yet: an
-    autoscaling cluster starts one GPU node for it)."""
-    if not use_gpu:
-        return CPU_ACTORS
-    return max(1, int(ray.cluster_resources().get("GPU", 0)))
 
 
 def _placement(use_gpu: bool, actors: int, started_ray: bool) -> tuple[float, int]:
@@ -495,7 +491,7 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: _Input,
                  started_ray: bool) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> the model actors' predictions; and their tally."""
-    actors = config.concurrency or _default_actors(config.use_gpu)
+    actors = config.concurrency or (one_per_gpu() if config.use_gpu else CPU_ACTORS)
     actors = min(actors, source.blocks(config.batch_size))  # more would have nothing to do
     cpus, threads = _placement(config.use_gpu, actors, started_ray)
     wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors, f"scoring with {actors} model actors",

@@ -29,7 +29,7 @@ from rich.console import Console
 from torch import nn
 
 from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
-from fmnist.cluster import start_ray, wait_for_resources
+from fmnist.cluster import one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError
 from fmnist.model import Classifier, ModelConfig, normalize
@@ -81,6 +81,7 @@ class TrainResult:
     best_accuracy: float
     history: list[dict]
     startup_seconds: float | None  # from train() to the first epoch's start; None if none ran
+    use_gpu: bool  # whether it trained on GPUs
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -258,11 +259,8 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
 def _placed(config: TrainConfig, started_ray: bool) -> TrainConfig:
     """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
     total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
-    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
-    # On GPUs, one worker per GPU there is now (1 where there is none yet: an autoscaling cluster
-    # starts a GPU node for it).
-    workers = config.num_workers or (max(1, gpus) if use_gpu else CPU_WORKERS)
+    use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
+    workers = config.num_workers or (one_per_gpu() if use_gpu else CPU_WORKERS)
     cpus = config.cpus_per_worker
     if cpus is None:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
@@ -384,4 +382,4 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
         f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.path, best_accuracy, history, startup_seconds)
+    return TrainResult(run_dir.uri, best.path, best_accuracy, history, startup_seconds, config.use_gpu)

@@ -11,6 +11,7 @@ import ray
 from fmnist.data import find_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from fmnist.cli import main
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from conftest import PNG_MAGIC
 
 
 def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys):

@@ -20,9 +20,7 @@ from fmnist.model import normalize
 from fmnist.reporting import HISTORY_COLUMNS
 from fmnist.training import TrainConfig, learning_rate, train
 
-from conftest import REPO
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from conftest import PNG_MAGIC, REPO
 
 
 def read_history(run_dir) -> list[dict]:
