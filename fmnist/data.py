@@ -63,7 +63,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_dir():
-            raise InputError(f"data directory {path} does not exist; {HOW_TO_GET}")
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise InputError(f"data directory {path} {problem}; {HOW_TO_GET}")
         return path  # missing files in it are reported by name when read
     for candidate in (cache_dir(), SYSTEM_DATA_DIR):
         if _has_all_files(candidate):

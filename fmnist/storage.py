@@ -39,6 +39,9 @@ class StoragePath:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
     def subdirectories(self) -> list[str]:
         if not self.exists():
             return []
@@ -51,13 +54,21 @@ class StoragePath:
 
     def write(self, name: str, data: bytes) -> None:
         """Write a file whole: readers see the old or the new content, never a part."""
-        self.fs.create_dir(self.path, recursive=True)
         target = f"{self.path}/{name}"
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        else:  # an object store's PUT is already all-or-nothing
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                tmp = f"{target}.tmp-{os.getpid()}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            else:  # an object store's PUT is already all-or-nothing
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+        except OSError as e:  # not writable, a file in the way, a full disk
+            raise InputError(f"cannot write {self.uri}/{name} ({e.strerror or e}); "
+                             "pass a --storage-path you can write to") from None

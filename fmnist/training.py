@@ -233,6 +233,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     """The run directory, and the config to run with (a resumed run's own recipe)."""
     storage = StoragePath.parse(config.storage_path)
+    if storage.is_file():
+        raise InputError(f"--storage-path {storage.uri} is a file; pass a directory (it is made if missing)")
     name = config.name
     if config.resume and name is None:
         runs = [d for d in storage.subdirectories() if storage.child(d).child(RUN_CONFIG_FILE).exists()]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fmnist.cli import main
-from fmnist.data import load_fashion_mnist, read_idx
+from fmnist.data import find_data_dir, load_fashion_mnist, read_idx
 from fmnist.errors import InputError
 
 
@@ -97,3 +97,9 @@ def test_the_local_cache_comes_before_the_system_package(data_copy, no_data_env,
     cache = tmp_path / "cache" / "fmnist"
     shutil.copytree(data_copy, cache)
     assert load_fashion_mnist().source == cache
+
+
+def test_a_file_given_as_the_data_dir_is_named_as_such(tmp_path, no_data_env):
+    (tmp_path / "images.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="images.gz is not a directory"):
+        find_data_dir(tmp_path / "images.gz")

@@ -107,6 +107,17 @@ def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys
     assert "exists; pass --resume" in lines[0] and "not a run directory" in lines[1]
 
 
+def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_data_dir, tmp_path, capsys):
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a directory")
+    # Refused up front, and, one level down, where writing the run's first file fails.
+    for storage, words in ((a_file, "is a file"), (a_file / "deeper", "cannot write")):
+        assert main(["train", "--storage-path", str(storage), "--data-dir", str(real_data_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err
+    assert os.listdir(tmp_path) == ["runs"] and a_file.read_text() == "not a directory"
+
+
 @pytest.mark.parametrize("options, names", [
     (["--hidden", "256,x"], "--hidden"),
     (["--dropout", "1.5"], "--dropout"),
