@@ -52,6 +52,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+_fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.88")
 
 
 def _output_file(text: str) -> str:
@@ -168,8 +169,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=_output_file, default=None, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE",
                    help="write the confusion matrix as a PNG heatmap")
-    p.add_argument("--min-accuracy", type=float, default=None, metavar="A",
-                   help="exit 1 when accuracy is below A (a fraction, e.g. 0.88)")
+    _min_accuracy_argument(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -178,7 +178,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from fmnist.evaluation import evaluate_predictions, write_json
     from fmnist.evaluation_report import plot_confusion_matrix, print_report
 
-    _check_min_accuracy(args.min_accuracy)
     evaluation = evaluate_predictions(args.predictions)
     print_report(evaluation, Console())
     if args.json:
@@ -188,9 +187,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
 
-def _check_min_accuracy(min_accuracy: float | None) -> None:
-    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
-        raise InputError(f"--min-accuracy is a fraction in [0, 1] (e.g. 0.88), not {min_accuracy}")
+def _min_accuracy_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-accuracy", type=_fraction, default=None, metavar="A",
+                   help="exit 1 when the test accuracy is below A (a fraction, e.g. 0.88)")
 
 
 def _accuracy_gate(accuracy: float, min_accuracy: float | None) -> int:
@@ -203,14 +202,12 @@ def _accuracy_gate(accuracy: float, min_accuracy: float | None) -> int:
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p)
-    p.add_argument("--min-accuracy", type=float, default=None, metavar="A",
-                   help="exit 1 when the test accuracy is below A (a fraction, e.g. 0.88)")
+    _min_accuracy_argument(p)
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from fmnist.pipeline import run_pipeline
 
-    _check_min_accuracy(args.min_accuracy)
     evaluation = run_pipeline(_train_config(args))
     return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
@@ -235,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # argparse would blame the top-level parser; the subcommand's --help is the useful one
+            raise InputError(f"unrecognized arguments: {' '.join(unknown)} (see 'fmnist {args.command} --help')")
         return args.run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

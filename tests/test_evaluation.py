@@ -271,7 +271,8 @@ def test_min_accuracy_must_be_a_fraction(realistic, capsys):
     directory, _, _ = realistic
 
     assert main(["evaluate", str(directory), "--min-accuracy", "88"]) == 2
-    assert capsys.readouterr().err.startswith("error: --min-accuracy is a fraction")
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --min-accuracy: expected a fraction in [0, 1]") and err.count("\n") == 1
 
 
 def test_workflow_script(realistic, tmp_path):
