@@ -271,6 +271,12 @@ def _placed(config: TrainConfig, started_ray: bool) -> TrainConfig:
     return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
 
 
+def _check_batch_splits(config: TrainConfig) -> None:
+    if config.num_workers and config.batch_size < config.num_workers:
+        raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}; "
+                         "each worker needs a sample of every batch")
+
+
 @contextlib.contextmanager
 def _resume_hint(console: Console, config: TrainConfig):
     """On Ctrl-C, say how to pick the run up again (Ray is stopped by the caller)."""
@@ -295,12 +301,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     called_at = time.perf_counter()
     run_dir, config = _pick_run_dir(config)
+    _check_batch_splits(config)  # with --num-workers given, before Ray starts
     data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
     started_ray = start_ray(config.verbose)
     try:
         config = _placed(config, started_ray)
-        if config.batch_size < config.num_workers:
-            raise InputError(f"--batch-size {config.batch_size} is smaller than --num-workers {config.num_workers}")
+        _check_batch_splits(config)  # with the worker count the cluster decided
         bundle = {"CPU": config.cpus_per_worker, "GPU": 1 if config.use_gpu else 0}
         wait_for_resources(bundle, config.num_workers, f"training with {config.num_workers} workers",
                            "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",

@@ -123,6 +123,7 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
     (["--dropout", "1.5"], "--dropout"),
     (["--epochs", "0"], "--epochs"),
     (["--schedule", "linear"], "--schedule"),
+    (["--batch-size", "1", "--num-workers", "2"], "--batch-size 1 is smaller than --num-workers 2"),
     (["--gpus", "1"], "unrecognized arguments: --gpus 1 (see 'fmnist train --help')"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
