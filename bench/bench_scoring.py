@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fmnist.checkpoints import load_model, load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
+from fmnist.checkpoints import load_model, save_checkpoint  # noqa: E402
 from fmnist.data import load_test_split  # noqa: E402
 from fmnist.model import Classifier, ModelConfig  # noqa: E402
 from fmnist.scoring import PREDICTIONS_SCHEMA, batch_pixels, predict  # noqa: E402
@@ -42,7 +42,7 @@ def plain_job(checkpoint: str, source: str, output: str, batch_size: int) -> Non
     row groups it is given, and its writer holds on to memory as a file grows.
     """
     model = load_model(checkpoint)
-    config = load_model_config(resolve_checkpoint(checkpoint))
+    config = model.config
     Path(output).mkdir(parents=True)
     parquet = pq.ParquetFile(source)
     for group in range(parquet.num_row_groups):

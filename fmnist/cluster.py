@@ -7,26 +7,32 @@ import os
 import time
 
 import ray
+from rich.console import Console
 
 from fmnist.errors import InputError
+
+
+_embedded_node: str | None = None  # the node of the local Ray instance start_ray started, if any
 
 
 def start_ray(verbose: bool = False) -> bool:
     """Join the cluster of a submitted job (RAY_ADDRESS), or start an embedded local Ray.
 
-    Returns whether this call started it (then the caller shuts it down). Ray's own log
+    Returns whether this call connected (then the caller shuts Ray down). Ray's own log
     lines are kept off the user's terminal unless ``verbose``.
     """
+    global _embedded_node
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
         # Workers' print/log lines would interleave with our progress display.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return False
+    # A submitted job (or the user) names the cluster in RAY_ADDRESS; otherwise start our own
+    # instance rather than join whatever `ray start` left running on this machine.
+    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
-        # A submitted job (or the user) names the cluster in RAY_ADDRESS; otherwise start our
-        # own instance rather than join whatever `ray start` left running on this machine.
-        address=os.environ.get("RAY_ADDRESS") or "local",
+        address=address,
         include_dashboard=False,  # ignored when joining a cluster; saves an embedded one a second
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
@@ -34,7 +40,14 @@ def start_ray(verbose: bool = False) -> bool:
     )
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
+    _embedded_node = ray.get_runtime_context().get_node_id() if address == "local" else None
     return True
+
+
+def is_embedded() -> bool:
+    """Whether Ray is a local instance that start_ray started in this process: one machine whose
+    cores the job may use as it likes, and no autoscaler to wait for. Otherwise it is a cluster."""
+    return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _embedded_node
 
 
 def one_per_gpu() -> int:
@@ -43,29 +56,55 @@ def one_per_gpu() -> int:
     return max(1, int(ray.cluster_resources().get("GPU", 0)))
 
 
-def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: str, timeout_s: float) -> None:
-    """Fail with one clear line if the cluster lacks ``count`` x ``bundle`` after ``timeout_s``.
+def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: str, timeout_s: float,
+                       console: Console) -> None:
+    """Fail with one clear line if the cluster's nodes lack room for ``count`` x ``bundle`` after ``timeout_s``.
 
     Ray would otherwise wait forever for workers that can never be placed. On an autoscaling
     cluster the request is passed to the autoscaler, and nodes have ``timeout_s`` to arrive.
     """
-    requested = {k: v * count for k, v in bundle.items() if v}
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {k: v for k, v in bundle.items() if v}
+    if not bundle:
+        return
     deadline = time.monotonic() + timeout_s
     asked_autoscaler = False
-    while True:
-        total = ray.cluster_resources()
-        short = {k: v for k, v in requested.items() if total.get(k, 0) < v}
-        if not short:
-            return
-        if time.monotonic() >= deadline:
-            have = ", ".join(f"{total.get(k, 0):g} {k}" for k in short)
-            want = ", ".join(f"{v:g} {k}" for k, v in short.items())
-            raise InputError(
-                f"{what} needs {want} but the cluster has {have}; {remedy}, or add nodes"
-            )
-        if not asked_autoscaler:
-            from ray.autoscaler.sdk import request_resources
+    try:
+        while True:
+            room = _room_for(bundle)
+            if room >= count:
+                return
+            if time.monotonic() >= deadline:
+                raise InputError(f"{what} needs {_shortfall(bundle, count, room)}; {remedy}, or add nodes")
+            if not asked_autoscaler:
+                request_resources(bundles=[bundle] * count)
+                asked_autoscaler = True
+                console.print(f"Waiting up to {timeout_s:g} s for the cluster to make room for {what} ...")
+            time.sleep(1)
+    finally:
+        if asked_autoscaler:
+            # A request stands until replaced: it would keep the nodes up after the job. The
+            # job's own workers keep them from here on.
+            request_resources(bundles=[])
 
-            request_resources(bundles=[bundle] * count)
-            asked_autoscaler = True
-        time.sleep(1)
+
+def _room_for(bundle: dict[str, float]) -> int:
+    """How many ``bundle``s the cluster's live nodes hold, each within one node (an empty node's worth)."""
+    room = 0
+    for node in ray.nodes():
+        if node["Alive"]:
+            have = node["Resources"]
+            room += min(int(have.get(k, 0) / v + 1e-6) for k, v in bundle.items())  # Ray counts in 1e-4 units
+    return room
+
+
+def _shortfall(bundle: dict[str, float], count: int, room: int) -> str:
+    """What is asked and what the cluster has, in the resources it lacks."""
+    total = ray.cluster_resources()
+    short = {k: v * count for k, v in bundle.items() if total.get(k, 0) < v * count}
+    if short:
+        want = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        return f"{want} but the cluster has {', '.join(f'{total.get(k, 0):g} {k}' for k in short)}"
+    each = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    return f"{each} on one node for each, but the cluster's nodes have room for {room}"

@@ -32,7 +32,7 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
         console.rule("Scoring the test set")
         scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=str(run_dir / "predictions"),
                                    data_dir=config.data_dir, use_gpu=trained.use_gpu, overwrite=True,
-                                   verbose=config.verbose), console)
+                                   resource_timeout_s=config.resource_timeout_s, verbose=config.verbose), console)
     finally:
         if started_ray:
             ray.shutdown()

@@ -6,9 +6,10 @@
         -> renamed to --output only once every batch is written
 
 The driver checks the checkpoint and the input before Ray starts and keeps only a small
-table of work (the test set, file paths, or Parquet row groups). Row groups are read by Ray
-Data read tasks, image files by the actors, a batch at a time, so memory stays flat however
-many images there are.
+table of work (the test set, file paths, or Parquet row groups). Row groups and image files
+are read by Ray Data tasks, a batch at a time, so memory stays flat however many images there
+are. On a cluster those tasks and the writes run on the driver's node, where the paths are:
+only the model actors need other nodes.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from ray.data.datasource import ReadTask
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fmnist.checkpoints import load_model, load_model_config, resolve_checkpoint
-from fmnist.cluster import one_per_gpu, start_ray, wait_for_resources
+from fmnist.checkpoints import load_model, resolve_checkpoint
+from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_test_split
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
 from fmnist.images import UnreadableImage, list_image_files, read_image
 from fmnist.model import IMAGE_PIXELS, Classifier, ModelConfig, normalize
+from fmnist.storage import is_uri
 
 PREDICTIONS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -265,14 +267,31 @@ def _open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) -
     return _image_dir_input(path, class_names)
 
 
-def _to_dataset(source: _Input, batch_size: int) -> ray.data.Dataset:
+def _on_the_driver_node() -> dict:
+    """Ray options for the tasks that read the input's files and write the output's.
+
+    On a cluster they run on the driver's node, whose disk those paths are on (other nodes may
+    not see it). They reserve no CPU there: the head node may have none, or the actors hold them.
+    """
+    if is_embedded():
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "label_selector": {"ray.io/node-id": here}}  # a label Ray gives every node
+
+
+def _to_dataset(source: _Input, batch_size: int, tally: ray.actor.ActorHandle, skip_bad: bool) -> ray.data.Dataset:
+    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes)."""
     if source.read_tasks:
         # One block per task: Ray Data would cut each into many small ones, whose scheduling
         # took a fifth of the job's time on a 2-core machine.
         return ray.data.read_datasource(_ParquetRowGroups(source.read_tasks, batch_size),
-                                        override_num_blocks=source.blocks(batch_size))
+                                        override_num_blocks=source.blocks(batch_size), **_on_the_driver_node())
     table = source.table
-    return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
+    blocks = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
+    if "image" in table.column_names:
+        return blocks
+    return blocks.map_batches(_decode_image_files, fn_kwargs=dict(tally=tally, skip_bad=skip_bad),
+                              batch_size=None, batch_format="pyarrow", **_on_the_driver_node())
 
 
 # ----------------------------------------------------------------------------- the model actors
@@ -348,6 +367,27 @@ class _Tally:
         return self.scored, self.unreadable
 
 
+def _readable(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> tuple[pa.Table, np.ndarray]:
+    """The rows of a batch that have a readable image, and their (N, 784) pixels.
+
+    The other rows go to the tally, and fail the job unless ``skip_bad``.
+    """
+    pixels, readable, problems = batch_pixels(batch)
+    if problems:
+        # Reported (and waited for) first: the driver names the first one if the run fails.
+        ray.get(tally.add.remote(0, problems))
+        if not skip_bad:
+            raise UnreadableImage(problems[0])
+        batch = batch.filter(pa.array(readable))
+    return batch, pixels
+
+
+def _decode_image_files(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> pa.Table:
+    """Rows naming image files -> the same rows with their pixels, read where the files are."""
+    batch, pixels = _readable(batch, tally, skip_bad)
+    return batch.append_column("image", pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), IMAGE_PIXELS))
+
+
 class Predictor:
     """A Ray Data model actor: holds the model, scores one batch of images per call."""
 
@@ -360,21 +400,15 @@ class Predictor:
         self.skip_bad = skip_bad
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pixels, readable, problems = batch_pixels(batch)
-        if problems:
-            # Reported (and waited for) first: the driver names the first one if the run fails.
-            ray.get(self.tally.add.remote(0, problems))
-            if not self.skip_bad:
-                raise UnreadableImage(problems[0])
-            batch = batch.filter(pa.array(readable))
+        batch, pixels = _readable(batch, self.tally, self.skip_bad)
         predictions = predict(self.model, self.config, batch, pixels)
         self.tally.add.remote(len(predictions), [])
         return predictions
 
 
-def _placement(use_gpu: bool, actors: int, started_ray: bool) -> tuple[float, int]:
+def _placement(use_gpu: bool, actors: int) -> tuple[float, int]:
     """The CPUs each model actor reserves, and the torch threads it runs."""
-    if use_gpu or not started_ray:
+    if use_gpu or not is_embedded():
         return 1.0, 1
     # An embedded local Ray: the actors share the cores. They reserve all but two, which Ray
     # Data's read and write tasks need (one CPU each): without them the writes wait for the
@@ -468,18 +502,21 @@ def _quiet_ray_data_console() -> None:
 def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Score ``config.input`` with the model of ``config.checkpoint`` into Parquet at ``config.output``."""
     console = console or Console()
+    if is_uri(config.output):
+        raise InputError(f"--output {config.output}: scoring writes to a local or NFS directory, not a URI; "
+                         "copy the predictions to object storage afterwards")
     output = Path(config.output).expanduser().absolute()
     if output.exists() and not config.overwrite:
         raise InputError(f"--output {output} already exists; pass --overwrite to replace it, or choose another")
     checkpoint = resolve_checkpoint(config.checkpoint)
     model = load_model(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
-    model_config = load_model_config(checkpoint)
+    model_config = model.config
     source = _open_input(config.input, config.data_dir, model_config.class_names)
     started_ray = start_ray(config.verbose)
     try:
         if not config.verbose:
             _quiet_ray_data_console()
-        predictions, tally = _predictions(config, model, model_config, source, started_ray)
+        predictions, tally = _predictions(config, model, model_config, source, console)
         result = _write(predictions, tally, source.rows, output, checkpoint, config, console)
     finally:
         if started_ray:
@@ -489,16 +526,16 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
 
 
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: _Input,
-                 started_ray: bool) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+                 console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> the model actors' predictions; and their tally."""
     actors = config.concurrency or (one_per_gpu() if config.use_gpu else CPU_ACTORS)
     actors = min(actors, source.blocks(config.batch_size))  # more would have nothing to do
-    cpus, threads = _placement(config.use_gpu, actors, started_ray)
-    wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors, f"scoring with {actors} model actors",
-                       "ask for fewer (--concurrency) or leave out --use-gpu",
-                       0 if started_ray else config.resource_timeout_s)
+    cpus, threads = _placement(config.use_gpu, actors)
+    wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors,
+                       f"scoring with {actors} model actor{'s' * (actors > 1)}", "ask for fewer (--concurrency) or leave out --use-gpu",
+                       0 if is_embedded() else config.resource_timeout_s, console)
     tally = _Tally.remote()
-    predictions = _to_dataset(source, config.batch_size).map_batches(
+    predictions = _to_dataset(source, config.batch_size, tally, config.skip_bad).map_batches(
         Predictor,
         fn_constructor_kwargs=dict(model=model, config=model_config, use_gpu=config.use_gpu,
                                    threads=threads, tally=tally, skip_bad=config.skip_bad),
@@ -517,7 +554,8 @@ def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: i
     with _staging_dir(output, config.overwrite) as staging:
         with _progress(console, tally, total):
             try:
-                predictions.write_parquet(str(staging), schema=schema, min_rows_per_file=ROWS_PER_FILE)
+                predictions.write_parquet(str(staging), schema=schema, min_rows_per_file=ROWS_PER_FILE,
+                                          ray_remote_args=_on_the_driver_node())
             except Exception:
                 _, unreadable = ray.get(tally.get.remote())
                 if unreadable and not config.skip_bad:

@@ -29,7 +29,7 @@ from rich.console import Console
 from torch import nn
 
 from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
-from fmnist.cluster import one_per_gpu, start_ray, wait_for_resources
+from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError
 from fmnist.model import Classifier, ModelConfig, normalize
@@ -258,7 +258,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     return run_dir, replace(config, name=name, epochs=config.epochs or saved["epochs"], **recipe)
 
 
-def _placed(config: TrainConfig, started_ray: bool) -> TrainConfig:
+def _placed(config: TrainConfig) -> TrainConfig:
     """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
     total = ray.cluster_resources()
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
@@ -267,7 +267,7 @@ def _placed(config: TrainConfig, started_ray: bool) -> TrainConfig:
     if cpus is None:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
         # Ray Train's default of 1 so that workers pack onto nodes.
-        cpus = max(1, int(total.get("CPU", 1)) // workers) if started_ray else 1
+        cpus = max(1, int(total.get("CPU", 1)) // workers) if is_embedded() else 1
     return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
 
 
@@ -305,12 +305,13 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
     started_ray = start_ray(config.verbose)
     try:
-        config = _placed(config, started_ray)
+        config = _placed(config)
         _check_batch_splits(config)  # with the worker count the cluster decided
-        bundle = {"CPU": config.cpus_per_worker, "GPU": 1 if config.use_gpu else 0}
-        wait_for_resources(bundle, config.num_workers, f"training with {config.num_workers} workers",
+        workers = config.num_workers
+        wait_for_resources({"CPU": config.cpus_per_worker, "GPU": int(config.use_gpu)}, workers,
+                           f"training with {workers} worker{'s' * (workers > 1)}",
                            "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",
-                           0 if started_ray else config.resource_timeout_s)
+                           0 if is_embedded() else config.resource_timeout_s, console)
         if not config.resume:
             run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
         return _fit(config, run_dir, data, console, called_at)

@@ -66,20 +66,35 @@ def head_node(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
 
 
-def test_training_job_submitted_to_a_head_node(head_node, tmp_path, real_data_dir):
+def _submit(head_node, *train_options: str) -> tuple[int, str]:
+    """`ray job submit` of workflows/train.py with these options; its exit status and output."""
     address, env = head_node
-    storage = tmp_path / "runs"
     command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-               "python", "workflows/train.py", "--epochs", "1", "--num-workers", "2",
-               "--storage-path", str(storage), "--name", "job", "--data-dir", str(real_data_dir)]
+               "python", "workflows/train.py", *train_options]
     for attempt in range(10):  # the job agent takes a few seconds more than the dashboard
         job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in job.stdout + job.stderr:
             break
         time.sleep(3)
-    output = job.stdout + job.stderr
-    assert job.returncode == 0, output
+    return job.returncode, job.stdout + job.stderr
+
+
+def test_training_job_submitted_to_a_head_node(head_node, tmp_path, real_data_dir):
+    storage = tmp_path / "runs"
+    code, output = _submit(head_node, "--epochs", "1", "--num-workers", "2", "--storage-path", str(storage),
+                           "--name", "job", "--data-dir", str(real_data_dir))
+    assert code == 0, output
     assert "succeeded" in output
+    assert "on 2 workers (CPU, 1 thread each)" in output  # on a cluster, Ray Train's 1 CPU per worker
     assert "best checkpoint:" in output
     assert (storage / "job" / "history.csv").read_text().count("\n") == 2
     assert list((storage / "job").glob("checkpoint_*/model.pt"))
+
+
+def test_a_job_gives_the_cluster_resource_timeout_to_grow(head_node, tmp_path, real_data_dir):
+    code, output = _submit(head_node, "--num-workers", "3", "--resource-timeout", "5",
+                           "--storage-path", str(tmp_path), "--data-dir", str(real_data_dir))
+    # As on an autoscaling cluster, it waits for nodes that may come (a laptop's own Ray cannot
+    # grow: there it fails at once), then says what is missing.
+    assert "Waiting up to 5 s for the cluster to make room for training with 3 workers" in output
+    assert code != 0 and "error: training with 3 workers needs 3 CPU but the cluster has 2 CPU" in output

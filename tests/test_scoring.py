@@ -18,7 +18,7 @@ from PIL import Image
 
 import fmnist
 from conftest import REPO
-from fmnist.checkpoints import CONFIG_FILE, MODEL_FILE, load_model_config, read_metrics
+from fmnist.checkpoints import CONFIG_FILE, MODEL_FILE, read_metrics
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model import CLASS_NAMES, normalize
@@ -43,7 +43,8 @@ def test_set(real_data_dir) -> tuple[np.ndarray, np.ndarray]:
 def reference(checkpoint, test_set) -> np.ndarray:
     """Log-probabilities of the test set from a plain in-process forward pass of the checkpoint."""
     images, _ = test_set
-    model, config = fmnist.load_model(checkpoint), load_model_config(checkpoint)
+    model = fmnist.load_model(checkpoint)
+    config = model.config
     with torch.no_grad():
         return model(normalize(torch.from_numpy(images.copy()), config)).numpy()
 
