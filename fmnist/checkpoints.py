@@ -49,7 +49,7 @@ def read_metrics(directory: Path) -> dict[str, Any]:
     return json.loads((directory / METRICS_FILE).read_text())
 
 
-def _best_of_run(run_dir: StoragePath) -> StoragePath | None:
+def best_checkpoint(run_dir: StoragePath) -> StoragePath | None:
     """The run's checkpoint with the highest test accuracy; the later epoch wins a tie."""
     scored = []
     for name in run_dir.subdirectories():
@@ -71,7 +71,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     location = StoragePath.parse(str(path))
     if not location.exists():
         raise InputError(f"checkpoint {location.uri} does not exist; pass a checkpoint or run directory")
-    checkpoint = location if location.child(MODEL_FILE).exists() else _best_of_run(location)
+    checkpoint = location if location.child(MODEL_FILE).exists() else best_checkpoint(location)
     if checkpoint is None:
         raise InputError(
             f"{location.uri} is neither a checkpoint directory (no {MODEL_FILE}) nor a run directory with checkpoints"

@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no display, and no global backend switched for the caller
+from matplotlib.ticker import MaxNLocator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 HISTORY_COLUMNS = (
     "epoch", "train_loss", "test_loss", "test_accuracy", "train_seconds", "epoch_seconds", "samples_per_second",
@@ -30,7 +27,8 @@ def history_csv(history: list[dict]) -> str:
 def loss_curve_png(history: list[dict]) -> bytes:
     """Train vs test loss, and test accuracy, per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
+    loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
     loss_ax.plot(epochs, [r["test_loss"] for r in history], marker="o", label="test")
     loss_ax.set(title="Loss (NLL)", xlabel="epoch", ylabel="loss")
@@ -40,10 +38,8 @@ def loss_curve_png(history: list[dict]) -> bytes:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)
     return out.getvalue()
 
 

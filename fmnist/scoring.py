@@ -532,7 +532,8 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
     actors = min(actors, source.blocks(config.batch_size))  # more would have nothing to do
     cpus, threads = _placement(config.use_gpu, actors)
     wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors,
-                       f"scoring with {actors} model actor{'s' * (actors > 1)}", "ask for fewer (--concurrency) or leave out --use-gpu",
+                       f"scoring with {actors} model actor{'s' * (actors > 1)}",
+                       "ask for fewer (--concurrency) or leave out --use-gpu",
                        0 if is_embedded() else config.resource_timeout_s, console)
     tally = _Tally.remote()
     predictions = _to_dataset(source, config.batch_size, tally, config.skip_bad).map_batches(

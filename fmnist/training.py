@@ -28,7 +28,7 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
+from fmnist.checkpoints import METRICS_FILE, MODEL_FILE, best_checkpoint, load_training_state, save_checkpoint
 from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError
@@ -237,10 +237,11 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         raise InputError(f"--storage-path {storage.uri} is a file; pass a directory (it is made if missing)")
     name = config.name
     if config.resume and name is None:
-        runs = [d for d in storage.subdirectories() if storage.child(d).child(RUN_CONFIG_FILE).exists()]
-        if not runs:
+        configs = [storage.child(d).child(RUN_CONFIG_FILE) for d in storage.subdirectories()]
+        started = {c.path: c.fs.get_file_info(c.path).mtime for c in configs if c.exists()}  # written on each (re)start
+        if not started:
             raise InputError(f"--resume: no run to resume in {storage.uri}; pass --storage-path/--name")
-        name = max(runs, key=lambda d: storage.fs.get_file_info(storage.child(d).path).mtime)
+        name = max(started, key=started.get).split("/")[-2]
     name = name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
     if "/" in name or name in ("", ".", ".."):
         raise InputError(f"--name {name!r} must be a plain directory name")
@@ -255,7 +256,12 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
     recipe["hidden"] = tuple(recipe["hidden"])
     # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
-    return run_dir, replace(config, name=name, epochs=config.epochs or saved["epochs"], **recipe)
+    epochs = config.epochs or saved["epochs"]
+    done = run_dir.read_text("history.csv").count("\n") - 1 if run_dir.child("history.csv").exists() else 0
+    if done >= epochs:
+        raise InputError(f"--resume: {run_dir.uri} has finished {done} epochs; pass --epochs N (more than {done}) "
+                         "to train it further")
+    return run_dir, replace(config, name=name, epochs=epochs, **recipe)
 
 
 def _placed(config: TrainConfig) -> TrainConfig:
@@ -291,7 +297,7 @@ def _resume_hint(console: Console, config: TrainConfig):
 
 def _run_trainer(trainer, outcome: dict) -> None:
     try:
-        outcome["result"] = trainer.fit()
+        trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
     except BaseException as e:  # handed to the main thread
         outcome["error"] = e
 
@@ -312,8 +318,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                            f"training with {workers} worker{'s' * (workers > 1)}",
                            "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",
                            0 if is_embedded() else config.resource_timeout_s, console)
-        if not config.resume:
-            run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
+        # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
+        run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
         return _fit(config, run_dir, data, console, called_at)
     finally:
         if started_ray:
@@ -381,14 +387,12 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
                 run_dir.write("loss_curve.png", loss_curve_png(history))
     if "error" in outcome:
         raise outcome["error"]
-    result = outcome["result"]
-    best = result.get_best_checkpoint(metric="test_accuracy", mode="max")
-    if best is None:
-        raise InputError(f"{run_dir.uri} has no checkpoint: the run had nothing left to train (--epochs?)")
-    best_accuracy = max(m["test_accuracy"] for _, m in result.best_checkpoints)
+    # The run's best as `--checkpoint RUN` will pick it (the later epoch on a tie), with its URI.
+    best = best_checkpoint(run_dir)
+    best_accuracy = json.loads(best.read_text(METRICS_FILE))["test_accuracy"]
     console.print(
         f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
-        f"best checkpoint: {best.path}\nrun directory:   {run_dir.uri}",
+        f"best checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.path, best_accuracy, history, startup_seconds, config.use_gpu)
+    return TrainResult(run_dir.uri, best.uri, best_accuracy, history, startup_seconds, config.use_gpu)

@@ -47,7 +47,8 @@ def test_two_workers_one_epoch_reaches_80_percent_and_leaves_its_artifacts(train
     assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-6)
 
 
-def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray_session, real_data_dir, tmp_path):
+def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray_session, real_data_dir, tmp_path,
+                                                                             capsys):
     storage = str(tmp_path)
     options = ["--epochs", "3", "--schedule", "cosine", "--num-workers", "2", "--cpus-per-worker", "1", "--seed", "7",
                "--storage-path", storage, "--data-dir", str(real_data_dir)]
@@ -86,6 +87,19 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     for got, want in zip(resumed, uninterrupted.history):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert float(got[key]) == pytest.approx(want[key], rel=1e-5), (got["epoch"], key)
+
+    # A finished run trains on only with more --epochs, and keeps them for its next resume;
+    # without --name, --resume takes the run (re)started last.
+    resume = ["train", "--resume", "--storage-path", storage, "--cpus-per-worker", "1",
+              "--data-dir", str(real_data_dir)]
+    capsys.readouterr()
+    assert main([*resume, "--name", "cut"]) == 2
+    assert main([*resume, "--name", "cut", "--epochs", "4"]) == 0
+    assert [r["epoch"] for r in read_history(tmp_path / "cut")] == ["1", "2", "3", "4"]
+    assert main(resume) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [f"error: --resume: {tmp_path / 'cut'} has finished {n} epochs; pass --epochs N "
+                      f"(more than {n}) to train it further" for n in (3, 4)]
 
 
 def test_cosine_schedule_falls_from_lr_towards_zero_over_the_run():
