@@ -63,11 +63,8 @@ def best_checkpoint(run_dir: StoragePath) -> StoragePath | None:
     return run_dir.child(max(scored)[2]) if scored else None
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or a run directory's best checkpoint, as a local path.
-
-    On object storage (s3://, gs://) the checkpoint is copied to a local temporary directory.
-    """
+def resolve_checkpoint(path: str | os.PathLike) -> StoragePath:
+    """A checkpoint directory as given, or a run directory's best checkpoint (local or a URI)."""
     location = StoragePath.parse(str(path))
     if not location.exists():
         raise InputError(f"checkpoint {location.uri} does not exist; pass a checkpoint or run directory")
@@ -76,34 +73,39 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise InputError(
             f"{location.uri} is neither a checkpoint directory (no {MODEL_FILE}) nor a run directory with checkpoints"
         )
-    if not is_uri(str(path)):
-        return Path(checkpoint.path)
-    local = Path(tempfile.mkdtemp(prefix="fmnist-checkpoint-"))
-    pafs.copy_files(checkpoint.path, str(local), source_filesystem=checkpoint.fs,
-                    destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
-def load_model_config(checkpoint: Path) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(json.loads((checkpoint / CONFIG_FILE).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"checkpoint {checkpoint} has a missing or bad {CONFIG_FILE} ({e})") from None
+    return checkpoint
 
 
 def load_model(path: str | os.PathLike) -> Classifier:
     """The eval-mode model (CPU) of a checkpoint directory or of a run directory's best checkpoint."""
-    checkpoint = resolve_checkpoint(path)
-    config = load_model_config(checkpoint)
+    return load_checkpoint(resolve_checkpoint(path))
+
+
+def load_checkpoint(checkpoint: StoragePath) -> Classifier:
+    """The eval-mode model (CPU) of a checkpoint directory; one on object storage is fetched first."""
+    if not is_uri(checkpoint.uri):
+        return _load_directory(Path(checkpoint.path), checkpoint.uri)
+    with tempfile.TemporaryDirectory(prefix="fmnist-checkpoint-") as local:
+        pafs.copy_files(checkpoint.path, local, source_filesystem=checkpoint.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return _load_directory(Path(local), checkpoint.uri)
+
+
+def _load_directory(directory: Path, shown: str) -> Classifier:
+    """The model in a local checkpoint ``directory``; errors name it as ``shown``."""
+    try:
+        config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({e})") from None
     model = Classifier(config)
     try:
-        state = torch.load(checkpoint / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, pickle.UnpicklingError) as e:  # a corrupt file, or weights that do not fit the config
         first_line = str(e).strip().splitlines()[0]
         raise InputError(
-            f"checkpoint {checkpoint}: {MODEL_FILE} cannot be loaded into the model of {CONFIG_FILE} ({first_line})"
+            f"checkpoint {shown}: {MODEL_FILE} cannot be loaded into the model of {CONFIG_FILE} ({first_line})"
         ) from None
     except (OSError, EOFError) as e:
-        raise InputError(f"checkpoint {checkpoint}: cannot read {MODEL_FILE} ({e})") from None
+        raise InputError(f"checkpoint {shown}: cannot read {MODEL_FILE} ({e})") from None
     return model.eval()

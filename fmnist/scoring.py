@@ -38,14 +38,14 @@ from ray.data.datasource import ReadTask
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fmnist.checkpoints import load_model, resolve_checkpoint
+from fmnist.checkpoints import load_checkpoint, resolve_checkpoint
 from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_test_split
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
 from fmnist.images import UnreadableImage, list_image_files, read_image
 from fmnist.model import IMAGE_PIXELS, Classifier, ModelConfig, normalize
-from fmnist.storage import is_uri
+from fmnist.storage import StoragePath, is_uri
 
 PREDICTIONS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -509,7 +509,7 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     if output.exists() and not config.overwrite:
         raise InputError(f"--output {output} already exists; pass --overwrite to replace it, or choose another")
     checkpoint = resolve_checkpoint(config.checkpoint)
-    model = load_model(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
+    model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
     model_config = model.config
     source = _open_input(config.input, config.data_dir, model_config.class_names)
     started_ray = start_ray(config.verbose)
@@ -517,7 +517,10 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
         if not config.verbose:
             _quiet_ray_data_console()
         predictions, tally = _predictions(config, model, model_config, source, console)
-        result = _write(predictions, tally, source.rows, output, checkpoint, config, console)
+        try:
+            result = _write(predictions, tally, source.rows, output, checkpoint, config, console)
+        finally:
+            ray.kill(tally)  # it would outlive the job in a Ray session that goes on
     finally:
         if started_ray:
             ray.shutdown()
@@ -548,9 +551,9 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
 
 
 def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, output: Path,
-           checkpoint: Path, config: ScoreConfig, console: Console) -> ScoreResult:
+           checkpoint: StoragePath, config: ScoreConfig, console: Console) -> ScoreResult:
     """Run the pipeline into Parquet files at ``output``: all of them, or none."""
-    schema = PREDICTIONS_SCHEMA.with_metadata({CHECKPOINT_METADATA_KEY: str(checkpoint).encode()})
+    schema = PREDICTIONS_SCHEMA.with_metadata({CHECKPOINT_METADATA_KEY: checkpoint.uri.encode()})
     start = time.monotonic()
     with _staging_dir(output, config.overwrite) as staging:
         with _progress(console, tally, total):
@@ -569,5 +572,5 @@ def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: i
         if scored == 0:
             raise InputError(f"none of the {total:,} images of --input {config.input} could be read "
                              f"(the first: {skipped[0]})")
-    return ScoreResult(output=str(output), checkpoint=str(checkpoint), rows=scored, files=len(files),
+    return ScoreResult(output=str(output), checkpoint=checkpoint.uri, rows=scored, files=len(files),
                        seconds=time.monotonic() - start, skipped=skipped)

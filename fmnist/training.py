@@ -103,7 +103,7 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smooth
     With label smoothing e the loss minimised is (1 - e) * NLL + e * mean over classes of -log p.
     """
     model.train()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)  # no .item() per step: a GPU sync
     steps = math.ceil(len(order) / batch_size)
     for step in range(steps):
         batch = order[step * batch_size:(step + 1) * batch_size]
@@ -114,9 +114,9 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smooth
         optimizer.zero_grad(set_to_none=True)
         (loss * world / len(batch)).backward()
         optimizer.step()
-        loss_sum += nll.item()
+        loss_sum += nll.detach()
         on_batch(step + 1, steps)
-    (total,) = _all_reduce_sum([loss_sum], images.device)
+    (total,) = _all_reduce_sum([loss_sum.item()], images.device)
     return total / len(order)
 
 
@@ -381,6 +381,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
                     view.epoch_done(row)
                     run_dir.write("history.csv", history_csv(history).encode())
         finally:
+            progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
             # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
             # takes CPU from the workers on a small machine.
             if history:

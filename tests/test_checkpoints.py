@@ -1,5 +1,6 @@
 """Finding a run's best checkpoint, locally and on URI storage, and loading it."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,18 @@ def run_dir(tmp_path) -> Path:
 
 
 def test_a_run_directory_means_its_best_checkpoint(run_dir):
-    assert resolve_checkpoint(run_dir) == run_dir / "checkpoint_2"
-    assert resolve_checkpoint(run_dir / "checkpoint_3") == run_dir / "checkpoint_3"
+    assert resolve_checkpoint(run_dir).uri == str(run_dir / "checkpoint_2")
+    assert resolve_checkpoint(run_dir / "checkpoint_3").uri == str(run_dir / "checkpoint_3")
 
 
-def test_a_checkpoint_on_uri_storage_is_fetched_and_loads_the_same_model(run_dir):
-    local = resolve_checkpoint(f"file://{run_dir}")
-    assert local != run_dir / "checkpoint_2" and (local / "model.pt").read_bytes() == (
-        run_dir / "checkpoint_2" / "model.pt").read_bytes()
+def test_a_checkpoint_on_uri_storage_is_fetched_and_loads_the_same_model(run_dir, tmp_path_factory, monkeypatch):
+    assert resolve_checkpoint(f"file://{run_dir}").uri == f"file://{run_dir}/checkpoint_2"
+    fetched_into = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setenv("TMPDIR", str(fetched_into))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # so that tempfile reads TMPDIR again
     x = torch.randn(3, 784)
     assert torch.equal(fmnist.load_model(f"file://{run_dir}")(x), fmnist.load_model(run_dir)(x))
+    assert list(fetched_into.iterdir()) == []  # the fetched copy is not left behind
 
 
 def test_paths_that_hold_no_checkpoint_are_refused(tmp_path):

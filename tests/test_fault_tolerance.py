@@ -39,6 +39,7 @@ def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_
                if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
+    assert proc.poll() is None and len(_epochs_recorded(tmp_path / "ft")) < 3  # the kill landed mid-run
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     assert _epochs_recorded(tmp_path / "ft") == ["1", "2", "3"]
@@ -96,6 +97,7 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_r
         time.sleep(0.1)
     time.sleep(2)  # let it score some batches first
     actors[0].send_signal(signal.SIGKILL)
+    assert proc.poll() is None and not output.exists()  # the kill landed mid-job
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     ids = pq.read_table(output, columns=["id"])["id"].to_numpy()
