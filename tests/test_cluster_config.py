@@ -14,3 +14,5 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
     assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # a GPU instance type
     assert any("ray[train,data,default]" in c for c in config["setup_commands"])
+    # Not Ray's default AMI, whose Python and CUDA are too old for Ray 2.60 and torch.
+    assert head["node_config"]["ImageId"] == gpu["node_config"]["ImageId"] != ""
