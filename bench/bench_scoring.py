@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from fmnist.checkpoints import load_model, save_checkpoint  # noqa: E402
 from fmnist.data import load_test_split  # noqa: E402
 from fmnist.model import Classifier, ModelConfig  # noqa: E402
-from fmnist.scoring import PREDICTIONS_SCHEMA, batch_pixels, predict  # noqa: E402
+from fmnist.score_inputs import batch_pixels  # noqa: E402
+from fmnist.scoring import PREDICTIONS_SCHEMA, predict  # noqa: E402
 
 
 def plain_job(checkpoint: str, source: str, output: str, batch_size: int) -> None:

@@ -45,10 +45,6 @@ def load_training_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def read_metrics(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / METRICS_FILE).read_text())
-
-
 def best_checkpoint(run_dir: StoragePath) -> StoragePath | None:
     """The run's checkpoint with the highest test accuracy; the later epoch wins a tie."""
     scored = []

@@ -85,9 +85,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume, the run's own)")
+    run.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                     help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume the run's own, or more)")
     run.add_argument("--num-workers", type=_positive_int, default=d.num_workers, metavar="W",
-                     help=f"Ray Train workers, data parallel (default {CPU_WORKERS}; on GPUs, one per GPU of the cluster)")
+                     help=f"Ray Train workers, data parallel (default {CPU_WORKERS}; on GPUs, one per GPU there is)")
     gpu = run.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")

@@ -50,6 +50,18 @@ def is_embedded() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _embedded_node
 
 
+def on_the_driver_node() -> dict:
+    """Ray options for tasks that read or write the driver's files (a job's input, its output).
+
+    On a cluster they run on the driver's node, whose disk those paths are on (other nodes may
+    not see it). They reserve no CPU there: the head node may have none, or the actors hold them.
+    """
+    if is_embedded():
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "label_selector": {"ray.io/node-id": here}}  # a label Ray gives every node
+
+
 def one_per_gpu() -> int:
     """How many workers or actors "one per GPU" makes: the cluster's GPUs now, and 1 where it has
     none yet (an autoscaling cluster starts a GPU node for it)."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from fmnist.errors import InputError
 from fmnist.model import CLASS_NAMES
+from fmnist.storage import write_file_whole
 
 # The scoring step records the checkpoint it used in the Parquet schema metadata.
 CHECKPOINT_METADATA_KEY = b"fmnist.checkpoint"
@@ -220,27 +220,15 @@ def _checkpoint(tables: list[pa.Table]) -> str | None:
     return ", ".join(found) or None
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, what: str) -> Iterator[Path]:
-    """A temporary path next to ``path`` to write to; it replaces ``path`` only on success.
-
-    So a reader, or a crash, never sees a half-written file. ``what`` names the option in errors.
-    """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+def write_report_file(path: str | os.PathLike, data: bytes, option: str) -> None:
+    """Write ``data`` to ``path`` whole (see write_file_whole); ``option`` names it in an error."""
     try:
-        yield tmp
-        os.replace(tmp, target)
+        write_file_whole(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         reason = e.strerror or e
-        raise InputError(f"cannot write {what} {target}: {reason}; pass a path in a writable directory") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise InputError(f"cannot write {option} {path}: {reason}; pass a path in a writable directory") from None
 
 
 def write_json(evaluation: Evaluation, path: str | os.PathLike) -> None:
     """Write ``evaluation.to_json()`` to ``path``, atomically."""
-    with atomic_path(path, "--json") as tmp:
-        tmp.write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")
+    write_report_file(path, (json.dumps(evaluation.to_json(), indent=2) + "\n").encode(), "--json")

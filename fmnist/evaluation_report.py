@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Sequence
 
@@ -12,7 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fmnist.evaluation import Evaluation, atomic_path
+from fmnist.evaluation import Evaluation, write_report_file
 
 # Off-diagonal cells at least this share of their row (true class) stand out in the table.
 NOTABLE_SHARE, SEVERE_SHARE = 0.01, 0.05
@@ -108,8 +109,7 @@ def _confused_pairs_table(e: Evaluation, limit: int) -> Table:
 
 def plot_confusion_matrix(evaluation: Evaluation, path: str | os.PathLike) -> None:
     """Write the confusion matrix as a PNG heatmap: colour = share of the true class, text = count."""
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # Not pyplot: no display, and no global backend switched for the caller.
     from matplotlib.figure import Figure
 
     e = evaluation
@@ -118,7 +118,6 @@ def plot_confusion_matrix(evaluation: Evaluation, path: str | os.PathLike) -> No
     shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
 
     fig = Figure(figsize=(9, 8), layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
@@ -132,5 +131,6 @@ def plot_confusion_matrix(evaluation: Evaluation, path: str | os.PathLike) -> No
         if count:
             ax.text(j, i, f"{count:,}", ha="center", va="center", fontsize=8,
                     color="white" if shares[i, j] > 0.5 else "black")
-    with atomic_path(path, "--plot") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_report_file(path, png.getvalue(), "--plot")

@@ -14,6 +14,22 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def write_file_whole(path: str | os.PathLike, data: bytes) -> None:
+    """Write a local file so that readers (or a crash) see the old or the new content, never a part.
+
+    Through a temporary file beside it, renamed over it; raises OSError.
+    """
+    directory, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @dataclass(frozen=True)
 class StoragePath:
     """A directory: its filesystem, its path on that filesystem, and how to show it to a user."""
@@ -58,14 +74,7 @@ class StoragePath:
         try:
             self.fs.create_dir(self.path, recursive=True)
             if isinstance(self.fs, pafs.LocalFileSystem):
-                tmp = f"{target}.tmp-{os.getpid()}"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, target)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                write_file_whole(target, data)
             else:  # an object store's PUT is already all-or-nothing
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)

@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
+def one_error_line(capsys) -> str:
+    """What a refused command printed: exactly one 'error: ...' line on stderr, which it returns."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Each ray.init costs seconds: every test that needs Ray shares this one."""

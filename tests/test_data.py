@@ -13,6 +13,8 @@ from fmnist.cli import main
 from fmnist.data import find_data_dir, load_fashion_mnist, read_idx
 from fmnist.errors import InputError
 
+from conftest import one_error_line
+
 
 @pytest.fixture
 def data_copy(tmp_path, real_data_dir):
@@ -86,10 +88,9 @@ def test_explicit_empty_dir_is_not_replaced_by_another_source(tmp_path, no_data_
 def test_train_with_missing_data_exits_2_with_one_line_and_writes_nothing(tmp_path, no_data_env, capsys):
     runs = tmp_path / "runs"
     code = main(["train", "--data-dir", str(tmp_path / "nowhere"), "--storage-path", str(runs)])
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error: ") and "nowhere" in err
-    assert "apt-get install dataset-fashion-mnist" in err
+    assert "nowhere" in err and "apt-get install dataset-fashion-mnist" in err
     assert not runs.exists()
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from fmnist.cli import main
 
-from conftest import PNG_MAGIC
+from conftest import PNG_MAGIC, one_error_line
 
 
 def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys):
@@ -33,5 +33,4 @@ def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_
 
 def test_pipeline_refuses_object_storage_before_training(tmp_path, capsys):
     assert main(["pipeline", "--storage-path", "s3://bucket/runs"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "local or NFS --storage-path" in err
+    assert "local or NFS --storage-path" in one_error_line(capsys)

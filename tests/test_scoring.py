@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import fmnist
-from conftest import REPO
-from fmnist.checkpoints import CONFIG_FILE, MODEL_FILE, read_metrics
+from conftest import REPO, one_error_line
+from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model import CLASS_NAMES, normalize
@@ -68,12 +68,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_test_set_predictions_match_the_model_and_the_training_accuracy(
         ray_session, trained_run, checkpoint, test_set, reference, real_data_dir, tmp_path, capsys):
     out = tmp_path / "predictions"
@@ -98,7 +92,7 @@ def test_test_set_predictions_match_the_model_and_the_training_accuracy(
     assert predictions["predicted_class"].to_pylist() == [CLASS_NAMES[p] for p in prediction]
 
     accuracy = (prediction == labels).mean()
-    assert accuracy == pytest.approx(read_metrics(checkpoint)["test_accuracy"], abs=1e-12)
+    assert accuracy == pytest.approx(json.loads((checkpoint / METRICS_FILE).read_text())["test_accuracy"], abs=1e-12)
     assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-12)
     summary = capsys.readouterr().out
     assert "10,000 images" in summary and str(out) in summary

@@ -20,7 +20,7 @@ from fmnist.model import normalize
 from fmnist.reporting import HISTORY_COLUMNS
 from fmnist.training import TrainConfig, learning_rate, train
 
-from conftest import PNG_MAGIC, REPO
+from conftest import PNG_MAGIC, REPO, one_error_line
 
 
 def read_history(run_dir) -> list[dict]:
@@ -127,8 +127,7 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
     # Refused up front, and, one level down, where writing the run's first file fails.
     for storage, words in ((a_file, "is a file"), (a_file / "deeper", "cannot write")):
         assert main(["train", "--storage-path", str(storage), "--data-dir", str(real_data_dir)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: ") and words in err
+        assert words in one_error_line(capsys)
     assert os.listdir(tmp_path) == ["runs"] and a_file.read_text() == "not a directory"
 
 
@@ -142,6 +141,5 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
     assert main(["train", "--storage-path", str(tmp_path), *options]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and names in err
+    assert names in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []

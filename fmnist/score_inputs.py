@@ -1,0 +1,282 @@
+"""What scoring reads: the test set, a folder of image files, or Parquet.
+
+The driver checks the input before Ray starts and keeps only a small table of work (the test
+set, file paths, or Parquet row groups). Row groups and image files are read by Ray Data
+tasks, a batch at a time, so memory stays flat however many images there are; on a cluster
+those tasks run on the driver's node, where the paths are. Every input becomes blocks of
+id, path, label and image (784 pixel values, or PNG/JPEG bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import ReadTask
+
+from fmnist.cluster import on_the_driver_node
+from fmnist.data import load_test_split
+from fmnist.errors import InputError
+from fmnist.images import UnreadableImage, list_image_files, read_image
+from fmnist.model import IMAGE_PIXELS
+
+# Parquet input: rows per Ray Data read task and block. Larger blocks cost memory (each is held
+# whole in the object store), smaller ones scheduling time.
+ROWS_PER_READ_TASK = 50_000
+IMAGE_COLUMN_HELP = "a column 'image' of 784 uint8 pixels (a list) or of PNG/JPEG bytes (binary)"
+
+
+class _RowGroup(NamedTuple):
+    file: str
+    index: int
+    rows: int
+    first_id: int  # the position of its first row in the input
+
+
+class ScoringInput(NamedTuple):
+    """What to score, checked on the driver before Ray starts."""
+
+    rows: int  # images to score
+    table: pa.Table | None = None  # their rows (id, path, label[, image]): the test set, image files
+    read_tasks: list[list[_RowGroup]] | None = None  # or the Parquet row groups that hold them, per task
+
+    def blocks(self, batch_size: int) -> int:
+        """How many Ray Data blocks it makes: one per read task, or per batch of table rows."""
+        return len(self.read_tasks) if self.read_tasks else math.ceil(self.rows / batch_size)
+
+
+def _image_rows(ids, labels, paths=None, images=None) -> pa.Table:
+    """The columns every input kind becomes: id, path, label[, image].
+
+    Without ``images``, the files at ``paths`` are read into an image column by _decode_image_files.
+    """
+    ids = pa.array(ids).cast(pa.int64())
+    columns = {
+        "id": ids,
+        "path": pa.nulls(len(ids), pa.string()) if paths is None else pa.array(paths, pa.string()),
+        "label": pa.array(labels).cast(pa.int64()),
+    }
+    if images is not None:
+        columns["image"] = images
+    return pa.table(columns)
+
+
+def _test_input(data_dir: str | None) -> ScoringInput:
+    images, labels = load_test_split(data_dir)
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), IMAGE_PIXELS)
+    return ScoringInput(len(labels), table=_image_rows(np.arange(len(labels)), labels, images=pixels))
+
+
+def _folder_key(name: str) -> str:
+    # Class names like "T-shirt/top" cannot be folder names as they are: match "T-shirt_top",
+    # "t-shirt top", ... by letters and digits alone.
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _image_dir_input(directory: Path, class_names: tuple[str, ...]) -> ScoringInput:
+    """The images under ``directory`` in sorted path order; a file's label is the class its folder is named after."""
+    files = list_image_files(directory)
+    if not files:
+        raise InputError(f"--input {directory} holds no PNG/JPEG images (and no Parquet files); nothing to score")
+    classes = {_folder_key(name): index for index, name in enumerate(class_names)}
+    labels = [classes.get(_folder_key(f.parent.name)) if f.parent != directory else None for f in files]
+    rows = _image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[str(f) for f in files])
+    return ScoringInput(len(files), table=rows)
+
+
+def _is_image_bytes(kind: pa.DataType) -> bool:
+    """Whether an 'image' column of this type holds encoded PNG/JPEG bytes (else pixel lists)."""
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _check_parquet_schema(file: Path, schema: pa.Schema) -> str:
+    """The file's image encoding ('bytes' or 'pixels'), or an InputError for what scoring can't read."""
+    if "image" not in schema.names:
+        raise InputError(f"{file} has no column 'image'; scoring needs {IMAGE_COLUMN_HELP}")
+    kind = schema.field("image").type
+    is_bytes = _is_image_bytes(kind)
+    is_pixels = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if not (is_bytes or (is_pixels and kind.value_type == pa.uint8())):
+        raise InputError(f"{file}: column 'image' is {kind}; scoring needs {IMAGE_COLUMN_HELP}")
+    for name in ("id", "label"):
+        if name in schema.names and not pa.types.is_integer(schema.field(name).type):
+            raise InputError(f"{file}: column '{name}' is {schema.field(name).type}; it must hold integers")
+    return "bytes" if is_bytes else "pixels"
+
+
+def _parquet_input(files: list[Path]) -> ScoringInput:
+    row_groups, rows = [], 0
+    encodings: dict[str, Path] = {}  # image encoding -> the first file that has it
+    for file in files:
+        try:
+            with pq.ParquetFile(file) as parquet:
+                schema, metadata = parquet.schema_arrow, parquet.metadata
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{file} is not a readable Parquet file ({' '.join(str(e).split())})") from None
+        encodings.setdefault(_check_parquet_schema(file, schema), file)
+        if len(encodings) > 1:  # batches mix rows of several files: one encoding for all
+            raise InputError(f"{encodings['pixels']} holds pixel lists but {encodings['bytes']} image bytes in "
+                             "column 'image'; score them as separate inputs")
+        for index in range(metadata.num_row_groups):
+            row_groups.append(_RowGroup(str(file), index, metadata.row_group(index).num_rows, first_id=rows))
+            rows += row_groups[-1].rows
+    if rows == 0:
+        raise InputError(f"--input {', '.join(map(str, files[:3]))}{'...' if len(files) > 3 else ''} has no rows")
+    # Tasks of about ROWS_PER_READ_TASK rows, whatever the row group size.
+    return ScoringInput(rows, read_tasks=list(_consecutive(row_groups, ROWS_PER_READ_TASK)))
+
+
+class _ParquetRowGroups(ray.data.Datasource):
+    """Parquet row groups as Ray Data read tasks that know the input position of their rows.
+
+    Rows get those positions as ids where the files have no 'id' column; Ray Data's own
+    Parquet reader cannot tell them.
+    """
+
+    def __init__(self, tasks: list[list[_RowGroup]], batch_size: int):
+        super().__init__()
+        self.tasks = tasks
+        self.batch_size = batch_size
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(group.rows for groups in self.tasks for group in groups) * IMAGE_PIXELS
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [self._read_task(groups) for groups in self.tasks]
+
+    def _read_task(self, groups: list[_RowGroup]) -> ReadTask:
+        rows = sum(group.rows for group in groups)
+        metadata = BlockMetadata(num_rows=rows, size_bytes=rows * IMAGE_PIXELS,
+                                 input_files=sorted({group.file for group in groups}), exec_stats=None)
+        return ReadTask(functools.partial(_read_row_groups, groups, self.batch_size), metadata)
+
+
+def _consecutive(row_groups: list[_RowGroup], rows: int) -> Iterator[list[_RowGroup]]:
+    """The row groups in runs of at least ``rows`` rows (the last run may have fewer)."""
+    run: list[_RowGroup] = []
+    for group in row_groups:
+        run.append(group)
+        if sum(g.rows for g in run) >= rows:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _read_row_groups(groups: list[_RowGroup], batch_size: int) -> Iterator[pa.Table]:
+    for group in groups:
+        with pq.ParquetFile(group.file) as parquet:
+            columns = [c for c in ("id", "label", "image") if c in parquet.schema_arrow.names]
+            next_id = group.first_id
+            # One row group per call: given several, pyarrow reads ahead through all of them.
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group.index], columns=columns):
+                n = batch.num_rows
+                ids = batch.column("id") if "id" in columns else np.arange(next_id, next_id + n)
+                labels = batch.column("label") if "label" in columns else pa.nulls(n, pa.int64())
+                yield _image_rows(ids, labels, images=_common_image_type(batch.column("image")))
+                next_id += n
+
+
+def _common_image_type(images: pa.Array) -> pa.Array:
+    # Files of one input may hold (fixed-size or large) lists, or (large) binary: one type per
+    # encoding lets Ray Data put rows of different files in one batch.
+    return images.cast(pa.binary() if _is_image_bytes(images.type) else pa.list_(pa.uint8()))
+
+
+def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) -> ScoringInput:
+    if spec == "test":
+        return _test_input(data_dir)
+    path = Path(spec).expanduser().absolute()
+    if not path.exists():
+        raise InputError(f"--input {path} does not exist; pass 'test', a directory of PNG/JPEG images, or Parquet")
+    if path.is_file():
+        return _parquet_input([path])
+    parquet_files = sorted(path.rglob("*.parquet"), key=str)
+    if parquet_files:
+        return _parquet_input(parquet_files)
+    return _image_dir_input(path, class_names)
+
+
+def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle,
+               skip_bad: bool) -> ray.data.Dataset:
+    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes).
+
+    Unreadable image files go to ``tally`` (see readable_rows).
+    """
+    if source.read_tasks:
+        # One block per task: Ray Data would cut each into many small ones, whose scheduling
+        # took a fifth of the job's time on a 2-core machine.
+        return ray.data.read_datasource(_ParquetRowGroups(source.read_tasks, batch_size),
+                                        override_num_blocks=source.blocks(batch_size), **on_the_driver_node())
+    table = source.table
+    blocks = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
+    if "image" in table.column_names:
+        return blocks
+    return blocks.map_batches(_decode_image_files, fn_kwargs=dict(tally=tally, skip_bad=skip_bad),
+                              batch_size=None, batch_format="pyarrow", **on_the_driver_node())
+
+
+def _row_name(batch: pa.Table, row: int) -> str:
+    path = batch["path"][row].as_py()
+    return path if path is not None else f"image id {batch['id'][row].as_py()}"
+
+
+def batch_pixels(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The images of a batch as (N, 784) uint8 for the N rows that have a readable one.
+
+    Returns the pixels, a mask of those rows, and "<row> (<what is wrong>)" for each other row.
+    Images come as pixel lists, as PNG/JPEG bytes, or, without an 'image' column, as files at 'path'.
+    """
+    column = batch["image"].combine_chunks() if "image" in batch.column_names else None
+    if column is not None and not _is_image_bytes(column.type):
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+        readable = lengths == IMAGE_PIXELS
+        pixels = column.filter(pa.array(readable)).flatten().to_numpy(zero_copy_only=False, writable=True)
+        problems = [f"{_row_name(batch, i)} (has {lengths[i]} pixel values, expected {IMAGE_PIXELS})"
+                    for i in np.flatnonzero(~readable)]
+        return pixels.reshape(-1, IMAGE_PIXELS), readable, problems
+    sources = (column if column is not None else batch["path"]).to_pylist()
+    readable = np.ones(len(sources), dtype=bool)
+    images, problems = [], []
+    for i, source in enumerate(sources):
+        try:
+            if source is None:
+                raise UnreadableImage("no image")
+            images.append(read_image(source))
+        except UnreadableImage as e:
+            readable[i] = False
+            problems.append(f"{_row_name(batch, i)} ({e})")
+    pixels = np.stack(images).reshape(-1, IMAGE_PIXELS) if images else np.empty((0, IMAGE_PIXELS), np.uint8)
+    return pixels, readable, problems
+
+
+def readable_rows(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> tuple[pa.Table, np.ndarray]:
+    """The rows of a batch that have a readable image, and their (N, 784) pixels.
+
+    The other rows go to the tally, and fail the job unless ``skip_bad``.
+    """
+    pixels, readable, problems = batch_pixels(batch)
+    if problems:
+        # Reported (and waited for) first: the driver names the first one if the run fails.
+        ray.get(tally.add.remote(0, problems))
+        if not skip_bad:
+            raise UnreadableImage(problems[0])
+        batch = batch.filter(pa.array(readable))
+    return batch, pixels
+
+
+def _decode_image_files(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> pa.Table:
+    """Rows naming image files -> the same rows with their pixels, read where the files are."""
+    batch, pixels = readable_rows(batch, tally, skip_bad)
+    pixel_lists = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), IMAGE_PIXELS)
+    return batch.append_column("image", pixel_lists)
+
