@@ -64,6 +64,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> StoragePath:
     location = StoragePath.parse(str(path))
     if not location.exists():
         raise InputError(f"checkpoint {location.uri} does not exist; pass a checkpoint or run directory")
+    if location.is_file():
+        raise InputError(f"checkpoint {location.uri} is a file; pass a checkpoint or run directory")
     checkpoint = location if location.child(MODEL_FILE).exists() else best_checkpoint(location)
     if checkpoint is None:
         raise InputError(
@@ -96,12 +98,15 @@ def _load_directory(directory: Path, shown: str) -> Classifier:
     model = Classifier(config)
     try:
         state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise InputError(f"checkpoint {shown}: cannot read {MODEL_FILE} ({e.strerror or e})") from None
+    except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError):  # not written by torch.save, or damaged
+        raise InputError(f"checkpoint {shown}: {MODEL_FILE} is not a saved model (damaged, or not ours)") from None
+    try:
         model.load_state_dict(state)
-    except (RuntimeError, pickle.UnpicklingError) as e:  # a corrupt file, or weights that do not fit the config
-        first_line = str(e).strip().splitlines()[0]
-        raise InputError(
-            f"checkpoint {shown}: {MODEL_FILE} cannot be loaded into the model of {CONFIG_FILE} ({first_line})"
-        ) from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"checkpoint {shown}: cannot read {MODEL_FILE} ({e})") from None
+    except (RuntimeError, TypeError, AttributeError) as e:  # not a state dict, or weights that do not fit
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # torch's first line is only a heading
+        raise InputError(f"checkpoint {shown}: {MODEL_FILE} does not fit the model of {CONFIG_FILE} "
+                         f"({detail})") from None
     return model.eval()

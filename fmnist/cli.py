@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from fmnist.errors import InputError
+
+
+MAX_WIDTH = 65_536  # --hidden: wider layers only run out of memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,21 +31,21 @@ def _hidden_widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--hidden takes comma-separated integers like 256,128,64, not {text!r}")
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"--hidden widths must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,128,64, got {text!r}")
+    if not widths or min(widths) < 1 or max(widths) > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected widths from 1 to {MAX_WIDTH:,}, got {text!r}")
     return widths
 
 
 def _checked(convert, accept, expected: str):
-    """An argparse type: ``convert`` the text, and refuse values that ``accept`` says no to."""
+    """An argparse type: ``convert`` the text, and refuse values that ``accept`` says no to (and inf, nan)."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             value = None
-        if value is None or not accept(value):
+        if value is None or not math.isfinite(value) or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
@@ -52,11 +56,15 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 _fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.88")
 
 
 def _output_file(text: str) -> str:
     """An argparse type for a file to write: checked before the work, not after it."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got ''")
     path = Path(text)
     directory = path.parent
     if path.is_dir():
@@ -71,7 +79,7 @@ def _output_file(text: str) -> str:
 def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> None:
     p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_non_negative, default=default,
                    metavar="SECONDS",
-                   help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)s)")
+                   help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)g)")
 
 
 def _config_from_args(config_class, args: argparse.Namespace):
@@ -93,7 +101,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
-    run.add_argument("--cpus-per-worker", type=_positive_int, default=None,
+    run.add_argument("--cpus-per-worker", type=_positive_int, default=None, metavar="N",
                      help="CPUs each worker reserves and uses as torch threads "
                           "(default: the cluster's CPUs shared among the workers, locally; 1 on a cluster)")
     run.add_argument("--storage-path", default=d.storage_path,
@@ -104,7 +112,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     run.add_argument("--keep", type=_positive_int, default=d.keep,
                      help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
-    run.add_argument("--max-failures", type=int, default=d.max_failures,
+    run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
@@ -121,7 +129,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="label smoothing of the training loss (default %(default)s)")
     recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
                         help="learning-rate schedule over the epochs (default %(default)s)")
-    recipe.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    recipe.add_argument("--seed", type=_seed, default=d.seed, help="random seed (default %(default)s)")
 
 
 def _train_config(args: argparse.Namespace):
@@ -179,6 +187,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from fmnist.evaluation import evaluate_predictions, write_json
     from fmnist.evaluation_report import plot_confusion_matrix, print_report
 
+    _check_report_files(args.predictions, {"--json": args.json, "--plot": args.plot})
     evaluation = evaluate_predictions(args.predictions)
     print_report(evaluation, Console())
     if args.json:
@@ -188,9 +197,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
 
+def _check_report_files(predictions: str, outputs: dict[str, str | None]) -> None:
+    """--json and --plot must be two files, and neither one of the predictions they report on."""
+    files = {option: Path(path).resolve() for option, path in outputs.items() if path}
+    if len(set(files.values())) < len(files):
+        raise InputError("--json and --plot name the same file; pass two files")
+    source = Path(predictions).resolve()
+    for option, file in files.items():
+        if file == source or (source in file.parents and file.suffix == ".parquet"):
+            raise InputError(f"{option} {file} is one of the predictions to evaluate; pass another file")
+
+
 def _min_accuracy_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-accuracy", type=_fraction, default=None, metavar="A",
-                   help="exit 1 when the test accuracy is below A (a fraction, e.g. 0.88)")
+                   help="exit 1 when the accuracy is below A (a fraction, e.g. 0.88)")
 
 
 def _accuracy_gate(accuracy: float, min_accuracy: float | None) -> int:
@@ -214,7 +234,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fmnist", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fmnist", description="Train, batch-score and evaluate a Fashion-MNIST classifier on Ray.",
+                     epilog="Exit status: 0 success; 1 the job ran but missed its goal (--min-accuracy); "
+                            "2 bad input or usage (one 'error:' line); 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands = {
         "train": ("train the classifier with Ray Train", add_train_arguments, _run_train),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         path = Path(explicit).expanduser()
         if not path.is_dir():
             problem = "is not a directory" if path.exists() else "does not exist"
-            raise InputError(f"data directory {path} {problem}; {HOW_TO_GET}")
+            named_by = "" if data_dir is not None else " (named by FMNIST_DATA_DIR)"
+            raise InputError(f"data directory {path}{named_by} {problem}; {HOW_TO_GET}")
         return path  # missing files in it are reported by name when read
     for candidate in (cache_dir(), SYSTEM_DATA_DIR):
         if _has_all_files(candidate):
@@ -94,11 +96,11 @@ def read_idx(path: Path, magic: int, count: int, shape: tuple[int, ...]) -> np.n
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
         raise InputError(f"cannot read {path} ({e}); replace it with a good copy") from None
     ndim = len(shape) + 1
     header = 4 + 4 * ndim
-    if len(data) < 8:
+    if len(data) < header:
         raise InputError(f"{path} is not an IDX file (too short); replace it with a good copy")
     (found_magic,) = struct.unpack(">i", data[:4])
     if found_magic != magic:

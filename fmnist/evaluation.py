@@ -171,7 +171,7 @@ def _parquet_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError(f"predictions directory {path} does not exist; pass the --output directory of 'fmnist score'")
-    files = sorted(path.glob("*.parquet"))
+    files = sorted(path.rglob("*.parquet"), key=str)  # as score finds Parquet input
     if not files:
         raise InputError(f"{path} holds no .parquet files; pass the --output directory of 'fmnist score'")
     return files
@@ -194,11 +194,14 @@ def _read_columns(file: Path) -> pa.Table:
                 f"column '{column}' of {file} is {schema.field(column).type}, not an integer class index; "
                 "expected predictions written by 'fmnist score'"
             )
-    table = pq.read_table(file, columns=list(COLUMNS))
-    if table["prediction"].null_count:
-        raise InputError(f"{file} has rows without a prediction; re-run 'fmnist score'")
-    # The cast keeps the schema metadata: it may record the checkpoint.
-    return table.cast(pa.schema([(c, pa.int64()) for c in COLUMNS], metadata=table.schema.metadata))
+    try:
+        table = pq.read_table(file, columns=list(COLUMNS))
+        if table["prediction"].null_count:
+            raise InputError(f"{file} has rows without a prediction; re-run 'fmnist score'")
+        # The cast keeps the schema metadata: it may record the checkpoint.
+        return table.cast(pa.schema([(c, pa.int64()) for c in COLUMNS], metadata=table.schema.metadata))
+    except (pa.ArrowException, OSError) as e:  # damaged data pages, or values no class index can be
+        raise InputError(f"cannot read {file} ({' '.join(str(e).split())}); re-run 'fmnist score'") from None
 
 
 def _check_range(column: str, values: np.ndarray, path: str | os.PathLike) -> None:

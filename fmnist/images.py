@@ -22,15 +22,17 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
     A 28x28 grayscale image comes back pixel for pixel; anything else is converted to
     grayscale and resized to 28x28.
     """
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with Image.open(stream) as image:
             image = image.convert("L")
             if image.size != IMAGE_SIZE:
                 image = image.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
     # Pillow reports a damaged file as any of these, depending on where the damage is.
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(" ".join(str(e).split()) or type(e).__name__) from None
+        message = str(e).replace(repr(stream), "")  # Pillow names a byte stream by its address
+        raise UnreadableImage(" ".join(message.split()) or type(e).__name__) from None
 
 
 def list_image_files(directory: Path) -> list[Path]:

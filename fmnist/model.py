@@ -31,13 +31,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(
+        """The config saved by to_dict; ValueError for one that no model can be built from."""
+        config = cls(
             hidden=tuple(int(h) for h in d["hidden"]),
             dropout=float(d["dropout"]),
             mean=float(d["mean"]),
             std=float(d["std"]),
             class_names=tuple(d["class_names"]),
         )
+        if (min(config.hidden, default=1) < 1 or not 0 <= config.dropout < 1 or not config.std > 0
+                or len(config.class_names) < 2 or not all(isinstance(c, str) for c in config.class_names)
+                or isinstance(d["class_names"], str)):
+            raise ValueError("a model needs positive hidden widths, dropout in [0, 1), std > 0 and a list of "
+                             "class names")
+        return config
 
 
 class Classifier(nn.Module):

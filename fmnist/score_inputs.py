@@ -26,7 +26,7 @@ from ray.data.datasource import ReadTask
 from fmnist.cluster import on_the_driver_node
 from fmnist.data import load_test_split
 from fmnist.errors import InputError
-from fmnist.images import UnreadableImage, list_image_files, read_image
+from fmnist.images import IMAGE_SUFFIXES, UnreadableImage, list_image_files, read_image
 from fmnist.model import IMAGE_PIXELS
 
 # Parquet input: rows per Ray Data read task and block. Larger blocks cost memory (each is held
@@ -195,9 +195,13 @@ def _common_image_type(images: pa.Array) -> pa.Array:
 def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) -> ScoringInput:
     if spec == "test":
         return _test_input(data_dir)
+    if not spec:
+        raise InputError("--input is empty; pass 'test', a directory of PNG/JPEG images, or Parquet")
     path = Path(spec).expanduser().absolute()
     if not path.exists():
         raise InputError(f"--input {path} does not exist; pass 'test', a directory of PNG/JPEG images, or Parquet")
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise InputError(f"--input {path} is one image; put it in a directory and pass the directory")
     if path.is_file():
         return _parquet_input([path])
     parquet_files = sorted(path.rglob("*.parquet"), key=str)
@@ -236,27 +240,41 @@ def batch_pixels(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
     Returns the pixels, a mask of those rows, and "<row> (<what is wrong>)" for each other row.
     Images come as pixel lists, as PNG/JPEG bytes, or, without an 'image' column, as files at 'path'.
     """
+    ids = pc.is_null(batch["id"]).to_numpy(zero_copy_only=False)
+    problems: dict[int, str] = {i: "has no id" for i in np.flatnonzero(ids)}
     column = batch["image"].combine_chunks() if "image" in batch.column_names else None
     if column is not None and not _is_image_bytes(column.type):
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
-        readable = lengths == IMAGE_PIXELS
+        for i in np.flatnonzero(lengths != IMAGE_PIXELS):
+            problems.setdefault(i, f"has {lengths[i]} pixel values, expected {IMAGE_PIXELS}")
+        full = np.flatnonzero(lengths == IMAGE_PIXELS)
+        values = column.take(pa.array(full, pa.int64())).flatten()
+        for i in full[pc.is_null(values).to_numpy(zero_copy_only=False).reshape(-1, IMAGE_PIXELS).any(axis=1)]:
+            problems.setdefault(i, "has missing pixel values")
+        readable = _without(problems, len(batch))
         pixels = column.filter(pa.array(readable)).flatten().to_numpy(zero_copy_only=False, writable=True)
-        problems = [f"{_row_name(batch, i)} (has {lengths[i]} pixel values, expected {IMAGE_PIXELS})"
-                    for i in np.flatnonzero(~readable)]
-        return pixels.reshape(-1, IMAGE_PIXELS), readable, problems
-    sources = (column if column is not None else batch["path"]).to_pylist()
-    readable = np.ones(len(sources), dtype=bool)
-    images, problems = [], []
-    for i, source in enumerate(sources):
-        try:
-            if source is None:
-                raise UnreadableImage("no image")
-            images.append(read_image(source))
-        except UnreadableImage as e:
-            readable[i] = False
-            problems.append(f"{_row_name(batch, i)} ({e})")
-    pixels = np.stack(images).reshape(-1, IMAGE_PIXELS) if images else np.empty((0, IMAGE_PIXELS), np.uint8)
-    return pixels, readable, problems
+    else:
+        images = []
+        for i, source in enumerate((column if column is not None else batch["path"]).to_pylist()):
+            if i in problems:
+                continue
+            try:
+                if source is None:
+                    raise UnreadableImage("no image")
+                images.append(read_image(source))
+            except UnreadableImage as e:
+                problems[i] = str(e)
+        readable = _without(problems, len(batch))
+        pixels = np.stack(images) if images else np.empty((0, IMAGE_PIXELS), np.uint8)
+    named = [f"{_row_name(batch, i)} ({problems[i]})" for i in sorted(problems)]
+    return pixels.reshape(-1, IMAGE_PIXELS), readable, named
+
+
+def _without(problems: dict[int, str], rows: int) -> np.ndarray:
+    """A mask of the rows that have no problem."""
+    readable = np.ones(rows, dtype=bool)
+    readable[list(problems)] = False
+    return readable
 
 
 def readable_rows(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> tuple[pa.Table, np.ndarray]:

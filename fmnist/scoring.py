@@ -73,7 +73,7 @@ class ScoreResult:
     checkpoint: str  # the checkpoint directory that was used
     rows: int
     files: int
-    seconds: float  # the Ray Data job, from its start to the output in place
+    seconds: float  # the Ray Data job, from its start to the last file written
     skipped: list[str]  # unreadable images, with the reason, when skip_bad
 
     @property
@@ -87,6 +87,8 @@ class ScoreResult:
 @torch.inference_mode()
 def predict(model: Classifier, config: ModelConfig, batch: pa.Table, pixels: np.ndarray) -> pa.Table:
     """Predictions (PREDICTIONS_SCHEMA) for a batch's id/path/label and its (N, 784) uint8 pixels."""
+    if len(pixels) == 0:  # every image of the batch was skipped (--skip-bad)
+        return PREDICTIONS_SCHEMA.empty_table()
     device = next(model.parameters()).device
     log_probs = model(normalize(torch.from_numpy(pixels), config).to(device))
     prediction = log_probs.argmax(dim=1)  # on log-probabilities, as training's accuracy does
@@ -165,8 +167,13 @@ def _staging_dir(output: Path, overwrite: bool) -> Iterator[Path]:
 
     On any failure, Ctrl-C included, it is deleted: ``output`` is never left half-written.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.incomplete-{uuid.uuid4().hex[:8]}")
+    try:  # made now, so that an --output that cannot be written fails before any work
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as e:
+        reason = e.strerror or e
+        raise InputError(f"cannot write --output {output} ({reason}); pass a directory you can write to") from None
     try:
         yield staging
         if overwrite and output.exists():
@@ -234,30 +241,46 @@ def _quiet_ray_data_console() -> None:
 def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Score ``config.input`` with the model of ``config.checkpoint`` into Parquet at ``config.output``."""
     console = console or Console()
+    output = _output_dir(config)
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
+    model_config = model.config
+    source = open_input(config.input, config.data_dir, model_config.class_names)
+    with _staging_dir(output, config.overwrite) as staging:
+        started_ray = start_ray(config.verbose)
+        try:
+            if not config.verbose:
+                _quiet_ray_data_console()
+            predictions, tally = _predictions(config, model, model_config, source, console)
+            try:
+                result = _write(predictions, tally, source.rows, staging, output, checkpoint, config, console)
+            finally:
+                ray.kill(tally)  # it would outlive the job in a Ray session that goes on
+        finally:
+            if started_ray:
+                ray.shutdown()
+    _print_summary(console, result)
+    return result
+
+
+def _output_dir(config: ScoreConfig) -> Path:
+    """--output, checked: a local directory that may be made, or replaced without losing anything else."""
     if is_uri(config.output):
         raise InputError(f"--output {config.output}: scoring writes to a local or NFS directory, not a URI; "
                          "copy the predictions to object storage afterwards")
     output = Path(config.output).expanduser().absolute()
     if output.exists() and not config.overwrite:
         raise InputError(f"--output {output} already exists; pass --overwrite to replace it, or choose another")
-    checkpoint = resolve_checkpoint(config.checkpoint)
-    model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
-    model_config = model.config
-    source = open_input(config.input, config.data_dir, model_config.class_names)
-    started_ray = start_ray(config.verbose)
-    try:
-        if not config.verbose:
-            _quiet_ray_data_console()
-        predictions, tally = _predictions(config, model, model_config, source, console)
-        try:
-            result = _write(predictions, tally, source.rows, output, checkpoint, config, console)
-        finally:
-            ray.kill(tally)  # it would outlive the job in a Ray session that goes on
-    finally:
-        if started_ray:
-            ray.shutdown()
-    _print_summary(console, result)
-    return result
+    # --overwrite replaces the directory whole: it must not hold what the job reads, or where you are.
+    in_use = {"--checkpoint": config.checkpoint, "the current directory": "."}
+    if config.input != "test":
+        in_use["--input"] = config.input
+    for what, path in in_use.items():
+        held = Path(path).expanduser().resolve()
+        if not is_uri(path) and output.resolve() in (held, *held.parents):
+            raise InputError(f"--output {output} holds {what}, which replacing it would delete; "
+                             "choose another --output")
+    return output
 
 
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: ScoringInput,
@@ -282,27 +305,26 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
     return predictions, tally
 
 
-def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, output: Path,
+def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staging: Path, output: Path,
            checkpoint: StoragePath, config: ScoreConfig, console: Console) -> ScoreResult:
-    """Run the pipeline into Parquet files at ``output``: all of them, or none."""
+    """Run the pipeline into Parquet files in ``staging`` (which becomes ``output``)."""
     schema = PREDICTIONS_SCHEMA.with_metadata({CHECKPOINT_METADATA_KEY: checkpoint.uri.encode()})
     start = time.monotonic()
-    with _staging_dir(output, config.overwrite) as staging:
-        with _progress(console, tally, total):
-            try:
-                predictions.write_parquet(str(staging), schema=schema, min_rows_per_file=ROWS_PER_FILE,
-                                          ray_remote_args=on_the_driver_node())
-            except Exception:
-                _, unreadable = ray.get(tally.get.remote())
-                if unreadable and not config.skip_bad:
-                    raise InputError(f"cannot read {unreadable[0]}; fix or remove it, "
-                                     "or pass --skip-bad to score the other images") from None
-                raise
-        _, skipped = ray.get(tally.get.remote())
-        files = sorted(staging.glob("*.parquet"))
-        scored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if scored == 0:
-            raise InputError(f"none of the {total:,} images of --input {config.input} could be read "
-                             f"(the first: {skipped[0]})")
+    with _progress(console, tally, total):
+        try:
+            predictions.write_parquet(str(staging), schema=schema, min_rows_per_file=ROWS_PER_FILE,
+                                      ray_remote_args=on_the_driver_node())
+        except Exception:
+            _, unreadable = ray.get(tally.get.remote())
+            if unreadable and not config.skip_bad:
+                raise InputError(f"cannot read {unreadable[0]}; fix or remove it, "
+                                 "or pass --skip-bad to score the other images") from None
+            raise
+    _, skipped = ray.get(tally.get.remote())
+    files = sorted(staging.glob("*.parquet"))
+    scored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if scored == 0:
+        raise InputError(f"none of the {total:,} images of --input {config.input} could be read "
+                         f"(the first: {skipped[0] if skipped else 'none reported'})")
     return ScoreResult(output=str(output), checkpoint=checkpoint.uri, rows=scored, files=len(files),
                        seconds=time.monotonic() - start, skipped=skipped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from fmnist.errors import InputError
@@ -45,7 +46,7 @@ class StoragePath:
             return cls(pafs.LocalFileSystem(), local, local)
         try:
             fs, path = pafs.FileSystem.from_uri(location)
-        except (pafs.ArrowInvalid, OSError, ValueError) as e:
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise InputError(f"storage path {location} is not usable ({e})") from None
         return cls(fs, path.rstrip("/"), location.rstrip("/"))
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -242,9 +243,11 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         if not started:
             raise InputError(f"--resume: no run to resume in {storage.uri}; pass --storage-path/--name")
         name = max(started, key=started.get).split("/")[-2]
-    name = name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
-    if "/" in name or name in ("", ".", ".."):
-        raise InputError(f"--name {name!r} must be a plain directory name")
+    if name is None:
+        name = datetime.now().strftime("train-%Y%m%d-%H%M%S")
+    # ASCII: Ray Train cannot handle other run names.
+    if "/" in name or name in ("", ".", "..") or not name.isascii() or not name.isprintable():
+        raise InputError(f"--name {name!r} must be a plain directory name in ASCII letters, digits and punctuation")
     run_dir = storage.child(name)
     if not config.resume:
         if run_dir.exists():
@@ -252,16 +255,30 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         return run_dir, replace(config, name=name, epochs=config.epochs or DEFAULT_EPOCHS)
     if not run_dir.child(RUN_CONFIG_FILE).exists():
         raise InputError(f"--resume: {run_dir.uri} is not a run directory (no {RUN_CONFIG_FILE})")
-    saved = json.loads(run_dir.read_text(RUN_CONFIG_FILE))
-    recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
-    recipe["hidden"] = tuple(recipe["hidden"])
-    # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
-    epochs = config.epochs or saved["epochs"]
+    try:
+        saved = json.loads(run_dir.read_text(RUN_CONFIG_FILE))
+        recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
+        recipe["hidden"] = tuple(recipe["hidden"])
+        # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
+        epochs = config.epochs or int(saved["epochs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--resume: {run_dir.uri}/{RUN_CONFIG_FILE} is damaged ({type(e).__name__}: {e}); "
+                         "start a new run instead") from None
+    _warn_ignored_recipe(config, recipe)
     done = run_dir.read_text("history.csv").count("\n") - 1 if run_dir.child("history.csv").exists() else 0
     if done >= epochs:
         raise InputError(f"--resume: {run_dir.uri} has finished {done} epochs; pass --epochs N (more than {done}) "
                          "to train it further")
     return run_dir, replace(config, name=name, epochs=epochs, **recipe)
+
+
+def _warn_ignored_recipe(config: TrainConfig, recipe: dict) -> None:
+    """A resumed run keeps its recipe: say so for options given that would change it."""
+    defaults = TrainConfig()
+    ignored = [k for k, v in recipe.items() if getattr(config, k) not in (v, getattr(defaults, k))]
+    if ignored:
+        options = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        print(f"note: a resumed run keeps its recipe; ignoring {options}", file=sys.stderr)
 
 
 def _placed(config: TrainConfig) -> TrainConfig:
@@ -275,6 +292,10 @@ def _placed(config: TrainConfig) -> TrainConfig:
         # Ray Train's default of 1 so that workers pack onto nodes.
         cpus = max(1, int(total.get("CPU", 1)) // workers) if is_embedded() else 1
     return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'s' * (n != 1)}"
 
 
 def _check_batch_splits(config: TrainConfig) -> None:
@@ -314,9 +335,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         config = _placed(config)
         _check_batch_splits(config)  # with the worker count the cluster decided
         workers = config.num_workers
+        remedy = "ask for fewer (--num-workers, --cpus-per-worker)" + (" or --no-gpu" if config.use_gpu else "")
         wait_for_resources({"CPU": config.cpus_per_worker, "GPU": int(config.use_gpu)}, workers,
-                           f"training with {workers} worker{'s' * (workers > 1)}",
-                           "ask for fewer (--num-workers, --cpus-per-worker) or --no-gpu",
+                           f"training with {_count(workers, 'worker')}", remedy,
                            0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
@@ -355,9 +376,10 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
         ),
     )
     cpus = config.cpus_per_worker
-    where = "GPU" if config.use_gpu else f"CPU, {cpus} thread{'s' * (cpus > 1)} each"
+    where = "GPU" if config.use_gpu else f"CPU, {_count(cpus, 'thread')} each"
     verb = "Resuming" if config.resume else "Training"
-    console.print(f"[bold]{verb}[/] {run_dir.uri}: {config.epochs} epochs on {config.num_workers} workers ({where})")
+    console.print(f"[bold]{verb}[/] {run_dir.uri}: {_count(config.epochs, 'epoch')} on "
+                  f"{_count(config.num_workers, 'worker')} ({where})")
 
     outcome: dict = {}
     fit_thread = threading.Thread(target=_run_trainer, args=(trainer, outcome), daemon=True)

@@ -53,6 +53,14 @@ def _patch(path, offset, data: bytes):
         f.write(data)
 
 
+def _damaged_gzip(path):
+    """``path`` replaced by a .gz of it whose compressed body is damaged."""
+    packed = bytearray(gzip.compress(path.read_bytes()))
+    packed[40:240] = bytes(200)
+    path.with_name(path.name + ".gz").write_bytes(bytes(packed))
+    path.unlink()
+
+
 @pytest.mark.parametrize(
     "breakage, message",
     [
@@ -62,8 +70,11 @@ def _patch(path, offset, data: bytes):
         (lambda d: _patch(d / "t10k-labels-idx1-ubyte", 4, struct.pack(">i", 9_999)), "holds 9999 items"),
         (lambda d: _patch(d / "train-labels-idx1-ubyte", 8 + 123, bytes([10])), "label 10"),
         (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(), "t10k-labels-idx1-ubyte[.gz] not found"),
+        (lambda d: (d / "t10k-images-idx3-ubyte").write_bytes(
+            (d / "t10k-images-idx3-ubyte").read_bytes()[:10]), "not an IDX file"),
+        (lambda d: _damaged_gzip(d / "train-labels-idx1-ubyte"), "cannot read"),
     ],
-    ids=["truncated", "wrong-magic", "wrong-count", "bad-label", "missing-file"],
+    ids=["truncated", "wrong-magic", "wrong-count", "bad-label", "missing-file", "header-cut-short", "damaged-gzip"],
 )
 def test_bad_files_are_named(data_copy, no_data_env, breakage, message):
     breakage(data_copy)

@@ -230,6 +230,22 @@ def _label_out_of_range(tmp_path):
     return write_predictions(tmp_path / "p", [1, 10], [1, 2])
 
 
+def _label_beyond_int64(tmp_path):
+    return _write_table(tmp_path / "p", pa.table({"label": pa.array([2**63], pa.uint64()),
+                                                  "prediction": pa.array([1], pa.int64())}))
+
+
+def _damaged_data_pages(tmp_path):
+    """A file whose footer is intact but whose column data is not."""
+    directory = _write_table(tmp_path / "p", pa.table({"label": pa.array(range(10_000), pa.int64()),
+                                                       "prediction": pa.array(range(10_000), pa.int64())}))
+    file = directory / "part-000.parquet"
+    data = bytearray(file.read_bytes())
+    data[4:2004] = b"\xff" * 2000
+    file.write_bytes(bytes(data))
+    return directory
+
+
 @pytest.mark.parametrize("make, words", [
     (_missing, "does not exist"),
     (_empty_dir, "no .parquet files"),
@@ -239,6 +255,8 @@ def _label_out_of_range(tmp_path):
     (_no_labels, "evaluation needs the true class"),
     (_zero_rows, "zero rows"),
     (_label_out_of_range, "not a class index"),
+    (_label_beyond_int64, "cannot read"),
+    (_damaged_data_pages, "cannot read"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, make, words):
     out = tmp_path / "out"
@@ -251,6 +269,17 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, make, words):
     assert code == 2 and captured.out == ""  # no report printed before the error
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and words in captured.err
     assert os.listdir(out) == []
+
+
+def test_report_files_never_overwrite_the_predictions_or_each_other(realistic, tmp_path, capsys):
+    directory, _, _ = realistic
+    parquet = sorted(directory.glob("*.parquet"))[0]
+    before = parquet.read_bytes()
+    assert main(["evaluate", str(directory), "--json", str(parquet)]) == 2
+    assert "is one of the predictions" in one_error_line(capsys)
+    assert main(["evaluate", str(directory), "--json", str(tmp_path / "r"), "--plot", str(tmp_path / "r")]) == 2
+    assert "name the same file" in one_error_line(capsys)
+    assert parquet.read_bytes() == before and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])

@@ -182,7 +182,8 @@ def _folder_with_a_broken_image(tmp_path: Path, images: np.ndarray) -> Path:
 
 BAD_INPUTS = ["missing checkpoint", "corrupt checkpoint", "config not matching the weights", "empty image folder",
               "Parquet without rows", "Parquet without an image column", "Parquet files of mixed image encodings",
-              "unreadable image file"]
+              "unreadable image file", "checkpoint that is a file", "weights that are not a state dict",
+              "config with a negative width"]
 
 
 def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) -> tuple[list, str]:
@@ -212,6 +213,18 @@ def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) 
         pixels = pa.array([images[1].reshape(-1)], pa.list_(pa.uint8()))
         _write_parquet(tmp_path / "mixed" / "b.parquet", pa.table({"image": pixels}))
         return ["--checkpoint", checkpoint, "--input", tmp_path / "mixed"], "b.parquet holds pixel lists"
+    if case == "checkpoint that is a file":
+        (tmp_path / "model.pt").write_bytes((checkpoint / MODEL_FILE).read_bytes())
+        return ["--checkpoint", tmp_path / "model.pt"], "is a file"
+    if case == "weights that are not a state dict":
+        buffer = io.BytesIO()
+        torch.save(torch.zeros(3), buffer)
+        return ["--checkpoint", _copy_checkpoint(checkpoint, tmp_path, MODEL_FILE, buffer.getvalue())], MODEL_FILE
+    if case == "config with a negative width":
+        config = json.loads((checkpoint / CONFIG_FILE).read_text())
+        config["hidden"] = [-1]
+        copy = _copy_checkpoint(checkpoint, tmp_path, CONFIG_FILE, json.dumps(config).encode())
+        return ["--checkpoint", copy], "positive hidden widths"
     assert case == "unreadable image file"
     folder = _folder_with_a_broken_image(tmp_path, images)
     return ["--checkpoint", checkpoint, "--input", folder, "--batch-size", 8], "020_broken.png"
@@ -242,6 +255,47 @@ def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpo
     assert read_predictions(out).num_rows == 40
     printed = capsys.readouterr().out
     assert "Skipped 2" in printed and "020_broken.png" in printed and "030_not_an_image.jpg" in printed
+
+
+def test_overwrite_never_deletes_the_input_the_checkpoint_or_the_current_directory(
+        checkpoint, test_set, tmp_path, monkeypatch, capsys):
+    images, run, elsewhere = tmp_path / "images", tmp_path / "run", tmp_path / "elsewhere"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(test_set[0][i]).save(images / f"{i}.png")
+    shutil.copytree(checkpoint, run / "checkpoint_1")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for output, what in ((images, "--input"), (run, "--checkpoint"), (tmp_path, "--checkpoint"),
+                         (".", "the current directory")):
+        assert score("--checkpoint", run, "--input", images, "--output", output, "--overwrite") == 2
+        assert f"holds {what}" in one_error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_output_that_cannot_be_made_is_refused_before_any_work(checkpoint, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    assert score("--checkpoint", checkpoint, "--output", tmp_path / "a_file" / "predictions") == 2
+    assert "cannot write --output" in one_error_line(capsys)
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_parquet_rows_without_a_usable_image_or_id_are_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
+    pixels = test_set[0][:2].reshape(2, -1).tolist()
+    table = pa.table({
+        "id": pa.array([10, None, 12, 13, 14, 15], pa.int64()),
+        "image": pa.array([pixels[0], pixels[1], pixels[0][:100], [None] * 784, None, pixels[1]], pa.list_(pa.uint8())),
+    })
+    source = _write_parquet(tmp_path / "rows.parquet", table)
+    out = tmp_path / "predictions"
+    # Batches of 2: the middle one has no usable row at all.
+    assert score("--checkpoint", checkpoint, "--input", source, "--output", out, "--skip-bad", "--batch-size", 2) == 0
+    assert sorted(read_predictions(out)["id"].to_pylist()) == [10, 15]
+    printed = " ".join(capsys.readouterr().out.split())
+    for problem in ("has no id", "image id 12 (has 100 pixel values", "image id 13 (has missing pixel values)",
+                    "image id 14 (has 0 pixel values"):
+        assert problem in printed
 
 
 def test_output_is_replaced_only_with_overwrite_and_only_by_a_whole_run(

@@ -121,6 +121,13 @@ def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys
     assert "exists; pass --resume" in lines[0] and "not a run directory" in lines[1]
 
 
+def test_resuming_a_run_with_a_damaged_config_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train_config.json").write_text("{not json")
+    assert main(["train", "--storage-path", str(tmp_path), "--name", "broken", "--resume"]) == 2
+    assert "train_config.json is damaged" in one_error_line(capsys)
+
+
 def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_data_dir, tmp_path, capsys):
     a_file = tmp_path / "runs"
     a_file.write_text("not a directory")
@@ -137,6 +144,11 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
     (["--epochs", "0"], "--epochs"),
     (["--schedule", "linear"], "--schedule"),
     (["--batch-size", "1", "--num-workers", "2"], "--batch-size 1 is smaller than --num-workers 2"),
+    (["--lr", "inf"], "--lr"),
+    (["--seed", "-1"], "--seed"),
+    (["--max-failures", "-1"], "--max-failures"),
+    (["--name", "é"], "--name 'é' must be a plain directory name"),
+    (["--storage-path", "foo://bar"], "storage path foo://bar is not usable"),
     (["--gpus", "1"], "unrecognized arguments: --gpus 1 (see 'fmnist train --help')"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
