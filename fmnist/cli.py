@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fmnist.errors import InputError
+from fmnist.errors import InputError, JobFailed
 
 
 MAX_WIDTH = 65_536  # --hidden: wider layers only run out of memory
@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user gave us something we cannot use"."""
+"""The two ways a command fails on purpose: bad input (exit 2), or a job that ran and failed (exit 1)."""
 
 
 class InputError(Exception):
@@ -6,3 +6,8 @@ class InputError(Exception):
 
     The message names the bad thing and how to fix it.
     """
+
+
+class JobFailed(Exception):
+    """The job ran and failed (a crash it could not recover from). The CLI prints ``error: <message>``
+    on one line and exits 1; the message says what to do next."""

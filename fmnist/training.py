@@ -32,7 +32,7 @@ from torch import nn
 from fmnist.checkpoints import METRICS_FILE, MODEL_FILE, best_checkpoint, load_training_state, save_checkpoint
 from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.data import load_fashion_mnist
-from fmnist.errors import InputError
+from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.reporting import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
@@ -316,6 +316,18 @@ def _resume_hint(console: Console, config: TrainConfig):
         raise
 
 
+def _failures(error: ray.train.TrainingFailedError) -> str:
+    """What each failed worker (or the controller) raised: the last line of its error."""
+    def last_line(e: BaseException) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return (lines[-1] if lines else type(e).__name__)[:200]
+
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"worker {rank}: {last_line(e)}" for rank, e in sorted(failures.items()))
+    return last_line(getattr(error, "controller_failure", error))
+
+
 def _run_trainer(trainer, outcome: dict) -> None:
     try:
         trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
@@ -408,6 +420,10 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
             # takes CPU from the workers on a small machine.
             if history:
                 run_dir.write("loss_curve.png", loss_curve_png(history))
+    if isinstance(outcome.get("error"), ray.train.TrainingFailedError):
+        raise JobFailed(f"training failed ({_failures(outcome['error'])}); after fixing the cause, continue "
+                        f"from the last checkpoint with --resume --storage-path {config.storage_path} "
+                        f"--name {config.name}") from outcome["error"]
     if "error" in outcome:
         raise outcome["error"]
     # The run's best as `--checkpoint RUN` will pick it (the later epoch on a tie), with its URI.

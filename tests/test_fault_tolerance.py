@@ -24,25 +24,39 @@ def _epochs_recorded(run_dir) -> list[str]:
         return []
 
 
-def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_dir, tmp_path):
+def _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures: int) -> tuple[int, str]:
+    """A 3-epoch, 2-worker training (its own process) whose second worker is killed once epoch 1 is
+    recorded; its exit status and output."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "workflows" / "train.py"), "--epochs", "3", "--num-workers", "2",
-         "--cpus-per-worker", "1", "--max-failures", "2", "--storage-path", str(tmp_path), "--name", "ft",
-         "--data-dir", str(real_data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--cpus-per-worker", "1", "--max-failures", str(max_failures), "--storage-path", str(tmp_path),
+         "--name", "ft", "--data-dir", str(real_data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 180
     while not _epochs_recorded(tmp_path / "ft"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
     assert proc.poll() is None and len(_epochs_recorded(tmp_path / "ft")) < 3  # the kill landed mid-run
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out + err
+
+
+def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_dir, tmp_path):
+    code, output = _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures=2)
+    assert code == 0, output
     assert _epochs_recorded(tmp_path / "ft") == ["1", "2", "3"]
+
+
+def test_a_failure_beyond_max_failures_is_one_error_line_saying_how_to_resume(real_data_dir, tmp_path):
+    code, output = _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures=0)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in output, output
+    assert errors[0].startswith("error: training failed (") and "--resume" in errors[0] and "--name ft" in errors[0]
 
 
 @pytest.mark.parametrize("command, asked, has", [
