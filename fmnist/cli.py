@@ -235,7 +235,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fmnist", description="Train, batch-score and evaluate a Fashion-MNIST classifier on Ray.",
-                     epilog="Exit status: 0 success; 1 the job ran but missed its goal (--min-accuracy); "
+                     epilog="Exit status: 0 success; 1 the job ran but failed or missed its goal (--min-accuracy); "
                             "2 bad input or usage (one 'error:' line); 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands = {

@@ -70,7 +70,8 @@ SCRIPT = textwrap.dedent("""
                          "--output", os.path.join(storage, output), "--concurrency", "2", "--data-dir", data_dir])
 
     file_tasks = {{(t.name, t.node_id == cluster.head_node.node_id) for t in list_tasks(detail=True, limit=10_000)
-                  if t.type == "NORMAL_TASK" and t.name.startswith(("Read", "Write", "MapBatches"))}}
+                  if t.type == "NORMAL_TASK" and t.name.startswith(("Read", "Write", "MapBatches"))
+                  and t.node_id is not None}}  # a record can lag behind its task: no node yet
     print("scoring's file tasks (name, on the driver's node):", sorted(file_tasks))
     ray.shutdown()
     cluster.shutdown()
