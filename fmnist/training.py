@@ -34,7 +34,7 @@ from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resourc
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
-from fmnist.reporting import TrainingConsole, history_csv, loss_curve_png
+from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
 DEFAULT_EPOCHS = 20

@@ -17,7 +17,7 @@ import fmnist
 from fmnist.cli import main
 from fmnist.data import load_fashion_mnist
 from fmnist.model import normalize
-from fmnist.reporting import HISTORY_COLUMNS
+from fmnist.training_report import HISTORY_COLUMNS
 from fmnist.training import TrainConfig, learning_rate, train
 
 from conftest import PNG_MAGIC, REPO, one_error_line
