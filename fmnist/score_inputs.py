@@ -247,12 +247,16 @@ def batch_pixels(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
         for i in np.flatnonzero(lengths != IMAGE_PIXELS):
             problems.setdefault(i, f"has {lengths[i]} pixel values, expected {IMAGE_PIXELS}")
-        full = np.flatnonzero(lengths == IMAGE_PIXELS)
-        values = column.take(pa.array(full, pa.int64())).flatten()
-        for i in full[pc.is_null(values).to_numpy(zero_copy_only=False).reshape(-1, IMAGE_PIXELS).any(axis=1)]:
-            problems.setdefault(i, "has missing pixel values")
+        full = lengths == IMAGE_PIXELS
+        values = column.filter(pa.array(full)).flatten()  # the pixels of the full-length rows, flattened once
+        if values.null_count:
+            gaps = pc.is_null(values).to_numpy(zero_copy_only=False).reshape(-1, IMAGE_PIXELS).any(axis=1)
+            for i in np.flatnonzero(full)[gaps]:
+                problems.setdefault(i, "has missing pixel values")
         readable = _without(problems, len(batch))
-        pixels = column.filter(pa.array(readable)).flatten().to_numpy(zero_copy_only=False, writable=True)
+        # With nulls present, to_numpy gives floats: the rows kept hold none, so uint8 is exact.
+        pixels = values.to_numpy(zero_copy_only=False).reshape(-1, IMAGE_PIXELS)[readable[full]]
+        pixels = pixels.astype(np.uint8, copy=False)
     else:
         images = []
         for i, source in enumerate((column if column is not None else batch["path"]).to_pylist()):
