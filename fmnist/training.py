@@ -38,12 +38,15 @@ from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
 DEFAULT_EPOCHS = 20
-CPU_WORKERS = 2  # workers on CPUs, unless told otherwise: enough to show DDP on one machine
+CPU_WORKERS = 2  # workers on a CPU-only cluster, unless told otherwise
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
     "epochs", "lr", "batch_size", "hidden", "dropout", "weight_decay", "label_smoothing", "schedule", "seed",
 )
+# Where it ran; a resumed run keeps these too unless told otherwise, since other workers draw
+# other dropout masks (and other threads round differently).
+PLACEMENT_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine"
     seed: int = 0
     # where and how it runs
-    num_workers: int | None = None  # None: CPU_WORKERS, or on GPUs one per GPU there is
+    num_workers: int | None = None  # None: one per GPU; on CPUs 1 on your own machine, CPU_WORKERS on a cluster
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     cpus_per_worker: int | None = None
     storage_path: str = "./runs"
@@ -265,11 +268,13 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         raise InputError(f"--resume: {run_dir.uri}/{RUN_CONFIG_FILE} is damaged ({type(e).__name__}: {e}); "
                          "start a new run instead") from None
     _warn_ignored_recipe(config, recipe)
+    placement = {k: saved[k] for k in PLACEMENT_FIELDS if getattr(config, k) is None and saved.get(k) is not None}
+    _note_changed_placement(config, saved)
     done = run_dir.read_text("history.csv").count("\n") - 1 if run_dir.child("history.csv").exists() else 0
     if done >= epochs:
         raise InputError(f"--resume: {run_dir.uri} has finished {done} epochs; pass --epochs N (more than {done}) "
                          "to train it further")
-    return run_dir, replace(config, name=name, epochs=epochs, **recipe)
+    return run_dir, replace(config, name=name, epochs=epochs, **recipe, **placement)
 
 
 def _warn_ignored_recipe(config: TrainConfig, recipe: dict) -> None:
@@ -281,17 +286,37 @@ def _warn_ignored_recipe(config: TrainConfig, recipe: dict) -> None:
         print(f"note: a resumed run keeps its recipe; ignoring {options}", file=sys.stderr)
 
 
-def _placed(config: TrainConfig) -> TrainConfig:
-    """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
+def _note_changed_placement(config: TrainConfig, saved: dict) -> None:
+    """A resumed run given other workers, GPU use or threads than it started with: say what that costs."""
+    changed = [k for k in PLACEMENT_FIELDS if getattr(config, k) is not None and getattr(config, k) != saved.get(k)]
+    if changed:
+        given = ", ".join(f"{k} {saved.get(k)} -> {getattr(config, k)}" for k in changed)
+        print(f"note: resuming on another placement than the run started with ({given}); its figures will "
+              "differ from an uninterrupted run's", file=sys.stderr)
+
+
+def _placed(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads)
+    each; and why, where the worker count was chosen for speed."""
     total = ray.cluster_resources()
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
-    workers = config.num_workers or (one_per_gpu() if use_gpu else CPU_WORKERS)
+    why = ""
+    if config.num_workers:
+        workers = config.num_workers
+    elif use_gpu:
+        workers = one_per_gpu()
+    elif is_embedded():
+        # On one machine DDP between processes only adds communication: one worker with every
+        # core trains fastest (bench/RESULTS.md).
+        workers, why = 1, "one worker with every core is the fastest on one machine; --num-workers N for DDP"
+    else:
+        workers = CPU_WORKERS
     cpus = config.cpus_per_worker
     if cpus is None:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
         # Ray Train's default of 1 so that workers pack onto nodes.
         cpus = max(1, int(total.get("CPU", 1)) // workers) if is_embedded() else 1
-    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
+    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus), why
 
 
 def _count(n: int, thing: str) -> str:
@@ -344,7 +369,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
     started_ray = start_ray(config.verbose)
     try:
-        config = _placed(config)
+        config, why = _placed(config)
         _check_batch_splits(config)  # with the worker count the cluster decided
         workers = config.num_workers
         remedy = "ask for fewer (--num-workers, --cpus-per-worker)" + (" or --no-gpu" if config.use_gpu else "")
@@ -353,14 +378,16 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                            0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, console, called_at)
+        return _fit(config, run_dir, data, console, called_at, why)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float) -> TrainResult:
-    """Run the trainer (``config`` placed) while drawing its progress and writing the run's files."""
+def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float,
+         why: str) -> TrainResult:
+    """Run the trainer (``config`` placed, for the reason ``why``) while drawing its progress and
+    writing the run's files."""
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -388,7 +415,8 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
         ),
     )
     cpus = config.cpus_per_worker
-    where = "GPU" if config.use_gpu else f"CPU, {_count(cpus, 'thread')} each"
+    where = "GPU" if config.use_gpu else f"CPU, {_count(cpus, 'thread')}" + " each" * (config.num_workers > 1)
+    where += f"; {why}" if why else ""
     verb = "Resuming" if config.resume else "Training"
     console.print(f"[bold]{verb}[/] {run_dir.uri}: {_count(config.epochs, 'epoch')} on "
                   f"{_count(config.num_workers, 'worker')} ({where})")

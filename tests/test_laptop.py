@@ -1,0 +1,43 @@
+"""The laptop path: the CLI as a user runs it, with no RAY_ADDRESS, so it starts its own Ray.
+
+The rest of the suite shares one Ray instance, which the code rightly takes for a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ray._private.utils
+
+from conftest import REPO
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
+    done = run_cli("--epochs", "1", "--storage-path", str(tmp_path), "--name", "laptop",
+                   "--data-dir", str(real_data_dir))
+    assert done.returncode == 0, done.stderr
+    cores = ray._private.utils.get_num_cpus()  # what Ray counts on this machine
+    saved = json.loads((tmp_path / "laptop" / "train_config.json").read_text())
+    assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == (1, False, cores)
+    shown = " ".join(done.stdout.split())  # rich wraps long lines where stdout is no terminal
+    assert f"on 1 worker (CPU, {cores} threads; one worker with every core is the fastest on one machine" in shown
+
+
+def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_data_dir, tmp_path):
+    done = run_cli("--num-workers", "1", "--cpus-per-worker", "512", "--storage-path", str(tmp_path),
+                   "--data-dir", str(real_data_dir))
+    cores = ray._private.utils.get_num_cpus()
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: training with 1 worker needs 512 CPU but the cluster has {cores} CPU; ask for fewer "
+        "(--num-workers, --cpus-per-worker), or add nodes"]
+    assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
