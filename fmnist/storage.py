@@ -83,9 +83,24 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def _aws_credentials_configured() -> bool:
+    """Whether any source of the AWS credential chain is set up (not whether its keys are good)."""
+    if any(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                       "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return True
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    if any(os.path.exists(os.path.expanduser(f)) for f in files):
+        return True
+    return os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"  # an instance profile may answer
+
+
 def describe_error(e: OSError) -> str:
     """A storage error in one line, with what to check for the usual causes."""
     text = " ".join(str(e).split())
+    if "AWS Error" in text and not _aws_credentials_configured():
+        return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                f"(~/.aws), or run on a node with an instance profile ({text})")
     if re.search(r"NETWORK_CONNECTION|Couldn't connect|Could not resolve|timed out|Timeout", text, re.I):
         return f"the storage endpoint does not answer ({text}); check AWS_ENDPOINT_URL and the network"
     if re.search(r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY|InvalidAccessKey|SIGNATURE|Forbidden|"
