@@ -76,7 +76,7 @@ def test_training_interrupted_and_resumed_on_s3(ray_session, s3_server, bucket, 
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    assert f"--resume --storage-path {storage} --name cut" in output
+    assert f"--resume --storage-path {storage} --name cut" in " ".join(output.split())
 
     assert main(["train", "--resume", "--storage-path", storage, "--name", "cut", "--cpus-per-worker", "1",
                  "--data-dir", str(real_data_dir)]) == 0
