@@ -210,7 +210,7 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
     model_config = model.config
     source = open_input(config.input, config.data_dir, model_config.class_names)
-    _check_output(output, config, checkpoint, source)
+    _check_output(output, config, source)
     with StagedOutput(output) as staged:
         started_ray = start_ray(config.verbose)
         try:
@@ -242,15 +242,13 @@ def _output_dir(config: ScoreConfig) -> StoragePath:
     return output
 
 
-def _check_output(output: StoragePath, config: ScoreConfig, checkpoint: StoragePath, source: ScoringInput) -> None:
+def _check_output(output: StoragePath, config: ScoreConfig, source: ScoringInput) -> None:
     """--overwrite replaces the output whole: it must not hold what the job reads, or where you are."""
-    in_use = {"--checkpoint": StoragePath.parse(config.checkpoint), "--checkpoint's best": checkpoint,
-              "the current directory": StoragePath.parse(".")}
+    in_use = {"--checkpoint": StoragePath.parse(config.checkpoint), "the current directory": StoragePath.parse(".")}
     if source.location is not None:
         in_use["--input"] = source.location
     for what, held in in_use.items():
         if output.holds(held):
-            what = "--checkpoint" if what == "--checkpoint's best" else what
             raise InputError(f"--output {output.uri} holds {what}, which replacing it would delete; "
                              "choose another --output")
 

@@ -62,8 +62,8 @@ def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
             region = pafs.resolve_s3_region(bucket)
         except (OSError, ValueError):
             region = None  # then the SDK's own guess; a wrong one fails on first use, in one line
-    # Scheme and host: pyarrow takes them apart itself.
-    scheme, _, host = (endpoint or "").rpartition("://")
+    # pyarrow takes the endpoint's host[:port] and its scheme apart.
+    scheme, _, host = (endpoint or "").rstrip("/").rpartition("://")
     return pafs.S3FileSystem(
         region=region, endpoint_override=host or None, scheme=scheme or "https",
         connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
@@ -98,11 +98,11 @@ def _aws_credentials_configured() -> bool:
 def describe_error(e: OSError) -> str:
     """A storage error in one line, with what to check for the usual causes."""
     text = " ".join(str(e).split())
+    if re.search(r"NETWORK_CONNECTION|Couldn't connect|Could not resolve|timed out|Timeout", text, re.I):
+        return f"the storage endpoint does not answer ({text}); check AWS_ENDPOINT_URL and the network"
     if "AWS Error" in text and not _aws_credentials_configured():
         return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
                 f"(~/.aws), or run on a node with an instance profile ({text})")
-    if re.search(r"NETWORK_CONNECTION|Couldn't connect|Could not resolve|timed out|Timeout", text, re.I):
-        return f"the storage endpoint does not answer ({text}); check AWS_ENDPOINT_URL and the network"
     if re.search(r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY|InvalidAccessKey|SIGNATURE|Forbidden|"
                  r"credentials|HTTP response code 403", text, re.I):
         return (f"access denied ({text}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -126,12 +126,16 @@ class StoragePath:
         if not is_uri(location):
             local = os.path.abspath(os.path.expanduser(location))
             return cls(pafs.LocalFileSystem(), local, local)
+        if "@" in location.split("://", 1)[1].split("/")[0]:  # s3://KEY:SECRET@bucket: not to be printed
+            raise InputError(f"{what}: keys in a URI would show in logs and errors; set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
         try:
             fs, path = filesystem(location)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise InputError(f"{what} {location} is not usable ({' '.join(str(e).split())})") from None
         parsed = cls(fs, path.rstrip("/"), location.rstrip("/"))
-        parsed._check_bucket(what)  # a missing bucket or bad credentials: one line now, not a traceback later
+        if fs.type_name in ("s3", "gcs"):  # a missing bucket or bad credentials: one line now, not a traceback later
+            parsed._check_bucket(what)
         return parsed
 
     @property

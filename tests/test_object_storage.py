@@ -210,19 +210,22 @@ def _bad_s3_input(case: str, bucket: str, s3, checkpoint: str) -> tuple[list[str
             "holds --input"
     if case == "output holding the checkpoint":
         return ["--output", f"s3://{bucket}/run", "--overwrite"], "holds --checkpoint"
+    if case == "keys in the URI":
+        return ["--output", f"s3://AKIAKEY:SECRETKEY@{bucket}/p"], "keys in a URI would show"
     assert case == "output a bucket"
     return ["--output", f"s3://{bucket}"], "is a bucket"
 
 
 @pytest.mark.parametrize("case", ["missing bucket (output)", "missing bucket (input)", "missing input prefix",
                                   "empty input prefix", "existing output", "output holding the input",
-                                  "output holding the checkpoint", "output a bucket"])
+                                  "output holding the checkpoint", "output a bucket", "keys in the URI"])
 def test_bad_object_storage_input_is_one_line_in_seconds_and_writes_nothing(
         ray_session, s3_server, bucket, checkpoint_on_s3, capsys, case):
     options, words = _bad_s3_input(case, bucket, s3_server, checkpoint_on_s3)
     before = s3_server.keys(bucket)
     code, seconds = _seconds(["score", "--checkpoint", checkpoint_on_s3, *options])
-    assert code == 2 and words in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert code == 2 and words in line and "SECRETKEY" not in line
     assert seconds < 10
     assert s3_server.keys(bucket) == before
 
