@@ -341,3 +341,15 @@ def test_overwrite_killed_midway_never_shows_a_mixed_output_as_complete(
         monkeypatch.setenv(name, value)
     assert main(["evaluate", f"s3://{bucket}/p"]) == 2
     assert "is incomplete (no _SUCCESS)" in one_error_line(capsys)
+
+
+def test_score_refuses_predictions_without_their_manifest_as_input(trained_run, local_predictions, tmp_path, capsys):
+    # Our own output (its Parquet records the checkpoint) without _SUCCESS: a run that did not finish.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for file in local_predictions.glob("*.parquet"):
+        (partial / file.name).write_bytes(file.read_bytes())
+    assert main(["score", "--checkpoint", trained_run.run_dir, "--input", str(partial),
+                 "--output", str(tmp_path / "again")]) == 2
+    assert f"{partial} is incomplete (no _SUCCESS)" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
