@@ -6,8 +6,9 @@ Input: the 10,000 test images repeated to --rows rows, one Parquet file with a r
 10,000 (bench_scoring's input), on local disk and as an object on a moto S3 server on
 127.0.0.1 (started in this process; its memory is not counted). Each job is
 ``workflows/score.py`` as a whole process, Python start to exit, and its peak memory the PSS of
-the process tree (see bench_scoring). Ray Data's own stats of each run (enable_auto_log_stats)
-give how many read, model and write tasks ran.
+the process tree (see bench_scoring). Read tasks: those that score_inputs.open_input plans
+(Ray Data runs one per ReadTask it is given); write tasks: Ray Data's own stats of the run
+(enable_auto_log_stats, which summarise the last operator only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_scoring import tree_pss, write_input  # noqa: E402
 from fmnist.checkpoints import save_checkpoint  # noqa: E402
-from fmnist.model import Classifier, ModelConfig  # noqa: E402
+from fmnist.model import CLASS_NAMES, Classifier, ModelConfig  # noqa: E402
+from fmnist.score_inputs import open_input  # noqa: E402
 
 # workflows/score.py, with Ray Data's stats summary logged (on the console: --verbose).
 SCORE = ("import sys, ray.data; ray.data.DataContext.get_current().enable_auto_log_stats = True; "
@@ -55,7 +57,7 @@ def run(options: list[str], env: dict) -> tuple[float, int, dict[str, int]]:
         text = log.read().decode(errors="replace")
     if process.returncode != 0:
         sys.exit(f"scoring failed:\n{text[-3000:]}")
-    tasks = {name: int(n) for name, n in re.findall(r"Operator \d+ (\S+?):? .*?(\d+) tasks executed", text)}
+    tasks = {name: int(n) for name, n in re.findall(r"Operator \d+ (\S+): (\d+) tasks executed", text)}
     return seconds, peak, tasks
 
 
@@ -75,7 +77,8 @@ def main() -> None:
     s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                       aws_access_key_id="bench", aws_secret_access_key="bench")
     s3.create_bucket(Bucket="bench")
-    env = {**os.environ, **s3_env}
+    os.environ.update(s3_env)  # for open_input here, and the jobs
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = tmp / "checkpoint"  # throughput does not depend on the weights
@@ -94,6 +97,7 @@ def main() -> None:
         for name, options in jobs.items():
             seconds, peak, tasks = run([*common, *options], env)
             throughput[name] = args.rows / seconds
+            tasks = {"Read_ParquetRowGroups": len(open_input(options[1], None, CLASS_NAMES).read_tasks), **tasks}
             counts = ", ".join(f"{op} {n}" for op, n in tasks.items())
             print(f"| {name} | {seconds:.1f} | {throughput[name]:,.0f} | {peak / 2**20:,.0f} MiB | {counts} |",
                   flush=True)
