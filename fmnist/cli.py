@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fmnist.errors import InputError, JobFailed
+from fmnist.storage import is_uri
 
 
 MAX_WIDTH = 65_536  # --hidden: wider layers only run out of memory
@@ -62,9 +63,11 @@ _fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.
 
 
 def _output_file(text: str) -> str:
-    """An argparse type for a file to write: checked before the work, not after it."""
+    """An argparse type for a file to write: checked before the work, not after it (a URI: when written)."""
     if not text:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
+    if is_uri(text):
+        return text
     path = Path(text)
     directory = path.parent
     if path.is_dir():
@@ -150,10 +153,12 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     from fmnist.scoring import ScoreConfig as d
 
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
-    p.add_argument("--output", required=True, help="directory to write the Parquet predictions to")
+    p.add_argument("--output", required=True,
+                   help="directory to write the Parquet predictions to: local/NFS or s3://, gs://")
     p.add_argument("--input", default="test",
                    help="'test' (the 10,000 test images), a directory of PNG/JPEG images (labelled where "
-                        "they sit in class-named sub-folders), or Parquet, a file or a directory (default %(default)s)")
+                        "they sit in class-named sub-folders), or Parquet, a file or a directory; local/NFS or "
+                        "s3://, gs:// (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="images per batch (default %(default)s)")
@@ -174,7 +179,8 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("predictions", metavar="PREDICTIONS_DIR", help="directory of Parquet predictions")
+    p.add_argument("predictions", metavar="PREDICTIONS_DIR",
+                   help="directory of Parquet predictions (fmnist score's --output): local/NFS or s3://, gs://")
     p.add_argument("--json", type=_output_file, default=None, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE",
                    help="write the confusion matrix as a PNG heatmap")
@@ -199,12 +205,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _check_report_files(predictions: str, outputs: dict[str, str | None]) -> None:
     """--json and --plot must be two files, and neither one of the predictions they report on."""
-    files = {option: Path(path).resolve() for option, path in outputs.items() if path}
+    def resolved(path: str) -> str:
+        return path.rstrip("/") if is_uri(path) else str(Path(path).resolve())
+
+    files = {option: resolved(path) for option, path in outputs.items() if path}
     if len(set(files.values())) < len(files):
         raise InputError("--json and --plot name the same file; pass two files")
-    source = Path(predictions).resolve()
+    source = resolved(predictions)
     for option, file in files.items():
-        if file == source or (source in file.parents and file.suffix == ".parquet"):
+        if file == source or (file.startswith(source + "/") and file.endswith((".parquet", "/_SUCCESS"))):
             raise InputError(f"{option} {file} is one of the predictions to evaluate; pass another file")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -10,6 +11,7 @@ import ray
 from rich.console import Console
 
 from fmnist.errors import InputError
+from fmnist.storage import StoragePath, storage_env_vars
 
 
 _embedded_node: str | None = None  # the node of the local Ray instance start_ray started, if any
@@ -31,8 +33,10 @@ def start_ray(verbose: bool = False) -> bool:
     # A submitted job (or the user) names the cluster in RAY_ADDRESS; otherwise start our own
     # instance rather than join whatever `ray start` left running on this machine.
     address = os.environ.get("RAY_ADDRESS") or "local"
+    storage_settings = _storage_settings_for_workers()
     ray.init(
         address=address,
+        runtime_env={"env_vars": storage_settings} if storage_settings else None,
         include_dashboard=False,  # ignored when joining a cluster; saves an embedded one a second
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
@@ -44,19 +48,31 @@ def start_ray(verbose: bool = False) -> bool:
     return True
 
 
+def _storage_settings_for_workers() -> dict[str, str]:
+    """The driver's storage settings (AWS_*, ...) for every worker and task of this job.
+
+    Under `ray job submit` the job's runtime environment may already set some: Ray refuses the
+    same variable twice, and the job's own come first.
+    """
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in storage_env_vars().items() if k not in job_env}
+
+
 def is_embedded() -> bool:
     """Whether Ray is a local instance that start_ray started in this process: one machine whose
     cores the job may use as it likes, and no autoscaler to wait for. Otherwise it is a cluster."""
     return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _embedded_node
 
 
-def on_the_driver_node() -> dict:
-    """Ray options for tasks that read or write the driver's files (a job's input, its output).
+def file_task_options(location: StoragePath | None) -> dict:
+    """Ray options for tasks that read or write a job's files (its input, its output) at ``location``.
 
-    On a cluster they run on the driver's node, whose disk those paths are on (other nodes may
-    not see it). They reserve no CPU there: the head node may have none, or the actors hold them.
+    Object storage is read and written from any node (Ray's default scheduling). Local paths,
+    on a cluster, from the driver's node, whose disk they are on (other nodes may not see it);
+    those tasks reserve no CPU there: the head node may have none, or the actors hold them.
     """
-    if is_embedded():
+    if is_embedded() or location is None or not location.is_local:
         return {}
     here = ray.get_runtime_context().get_node_id()
     return {"num_cpus": 0, "label_selector": {"ray.io/node-id": here}}  # a label Ray gives every node
@@ -75,13 +91,13 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
     Ray would otherwise wait forever for workers that can never be placed. On an autoscaling
     cluster the request is passed to the autoscaler, and nodes have ``timeout_s`` to arrive.
     """
-    from ray.autoscaler.sdk import request_resources
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = {k: v for k, v in bundle.items() if v}
     if not bundle:
         return
     deadline = time.monotonic() + timeout_s
-    asked_autoscaler = False
+    request = None
     try:
         while True:
             room = _room_for(bundle)
@@ -89,16 +105,25 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
                 return
             if time.monotonic() >= deadline:
                 raise InputError(f"{what} needs {_shortfall(bundle, count, room)}; {remedy}, or add nodes")
-            if not asked_autoscaler:
-                request_resources(bundles=[bundle] * count)
-                asked_autoscaler = True
+            if request is None:
+                # The autoscaler's request_resources() is one cluster-wide request that each call
+                # replaces (and withdrawing it would withdraw other jobs' too). A pending placement
+                # group is this job's own demand: the autoscaler adds nodes for it, and removing
+                # it withdraws this job's request only (Ray also removes it if the driver dies).
+                request = placement_group([bundle] * count, strategy="SPREAD")
                 console.print(f"Waiting up to {timeout_s:g} s for the cluster to make room for {what} ...")
+            elif _placed(request):
+                return  # the room is there; the group's removal below frees it for the job's workers
             time.sleep(1)
     finally:
-        if asked_autoscaler:
-            # A request stands until replaced: it would keep the nodes up after the job. The
-            # job's own workers keep them from here on.
-            request_resources(bundles=[])
+        if request is not None:
+            remove_placement_group(request)
+
+
+def _placed(group) -> bool:
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table(group).get("state") == "CREATED"
 
 
 def _room_for(bundle: dict[str, float]) -> int:

@@ -3,7 +3,9 @@
 The figures are scikit-learn's ``classification_report`` / ``confusion_matrix`` with
 ``labels=range(10)`` and ``zero_division=0``: every class is reported, and a ratio whose
 denominator is zero counts as 0 (also in the macro average). Only the ``label`` and
-``prediction`` columns are read, so a million rows take well under a second.
+``prediction`` columns are read, so a million rows take well under a second. Predictions are
+a committed output of ``fmnist score`` (its _SUCCESS manifest names the files), local or on
+object storage, or one Parquet file.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fmnist.errors import InputError
 from fmnist.model import CLASS_NAMES
-from fmnist.storage import write_file_whole
+from fmnist.outputs import incomplete, read_committed
+from fmnist.storage import StoragePath, describe_error
 
 # The scoring step records the checkpoint it used in the Parquet schema metadata.
 CHECKPOINT_METADATA_KEY = b"fmnist.checkpoint"
@@ -145,8 +148,13 @@ def evaluate_predictions(path: str | os.PathLike) -> Evaluation:
 
     Raises InputError for anything that is not labelled predictions of our classes.
     """
-    files = _parquet_files(Path(path))
-    tables = [_read_columns(f) for f in files]
+    location = StoragePath.parse(str(path), "predictions")
+    try:
+        files = _parquet_files(location)
+        tables = [_read_columns(f) for f in files]
+    except OSError as e:  # object storage out of reach midway
+        raise InputError(f"predictions {location.uri}: {describe_error(e)}") from None
+    path = location.uri
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
         raise InputError(f"the predictions in {path} have zero rows; score some images first")
@@ -166,21 +174,27 @@ def evaluate_predictions(path: str | os.PathLike) -> Evaluation:
     )
 
 
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise InputError(f"predictions directory {path} does not exist; pass the --output directory of 'fmnist score'")
-    files = sorted(path.rglob("*.parquet"), key=str)  # as score finds Parquet input
+def _parquet_files(location: StoragePath) -> list[StoragePath]:
+    """One Parquet file, or the files a committed predictions directory's manifest lists."""
+    kind = location.info().type
+    if kind == pafs.FileType.File:
+        return [location]
+    if kind == pafs.FileType.NotFound:
+        raise InputError(f"predictions directory {location.uri} does not exist; "
+                         "pass the --output directory of 'fmnist score'")
+    files = read_committed(location, ".parquet")
+    if files is None and location.files((".parquet",)):
+        raise incomplete(location, "fmnist score")
     if not files:
-        raise InputError(f"{path} holds no .parquet files; pass the --output directory of 'fmnist score'")
+        raise InputError(f"{location.uri} holds no .parquet files; pass the --output directory of 'fmnist score'")
     return files
 
 
-def _read_columns(file: Path) -> pa.Table:
+def _read_columns(location: StoragePath) -> pa.Table:
     """The label and prediction columns of one file, as int64, after checking its schema."""
+    file = location.uri
     try:
-        schema = pq.read_schema(file)
+        schema = pq.read_schema(location.path, filesystem=location.fs)
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{file} is not a readable Parquet file ({e}); re-run 'fmnist score'") from None
     for column in COLUMNS:
@@ -195,7 +209,7 @@ def _read_columns(file: Path) -> pa.Table:
                 "expected predictions written by 'fmnist score'"
             )
     try:
-        table = pq.read_table(file, columns=list(COLUMNS))
+        table = pq.read_table(location.path, filesystem=location.fs, columns=list(COLUMNS))
         if table["prediction"].null_count:
             raise InputError(f"{file} has rows without a prediction; re-run 'fmnist score'")
         # The cast keeps the schema metadata: it may record the checkpoint.
@@ -224,12 +238,13 @@ def _checkpoint(tables: list[pa.Table]) -> str | None:
 
 
 def write_report_file(path: str | os.PathLike, data: bytes, option: str) -> None:
-    """Write ``data`` to ``path`` whole (see write_file_whole); ``option`` names it in an error."""
+    """Write ``data`` to ``path`` (local or a URI) whole; ``option`` names it in an error."""
+    location = StoragePath.parse(str(path), option)
     try:
-        write_file_whole(path, data)
+        location.write_whole(data)
     except OSError as e:
-        reason = e.strerror or e
-        raise InputError(f"cannot write {option} {path}: {reason}; pass a path in a writable directory") from None
+        raise InputError(f"cannot write {option} {location.uri}: {describe_error(e)}; "
+                         "pass a path in a writable directory") from None
 
 
 def write_json(evaluation: Evaluation, path: str | os.PathLike) -> None:

@@ -35,7 +35,3 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
         message = str(e).replace(repr(stream), "")  # Pillow names a byte stream by its address
         raise UnreadableImage(" ".join(message.split()) or type(e).__name__) from None
 
-
-def list_image_files(directory: Path) -> list[Path]:
-    """The PNG/JPEG files under ``directory`` (recursively), in sorted path order."""
-    return sorted((p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=str)

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ray
 from rich.console import Console
 
 from fmnist.cluster import start_ray
-from fmnist.errors import InputError
 from fmnist.evaluation import Evaluation, evaluate_predictions, write_json
 from fmnist.evaluation_report import plot_confusion_matrix, print_report
 from fmnist.scoring import ScoreConfig, score
-from fmnist.storage import is_uri
+from fmnist.storage import StoragePath
 from fmnist.training import TrainConfig, train
 
 
 def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluation:
     """Train per ``config``; score the test set with the best checkpoint into ``<run>/predictions``;
-    write ``<run>/report.json`` and ``<run>/confusion_matrix.png`` and print the report."""
+    write ``<run>/report.json`` and ``<run>/confusion_matrix.png`` and print the report.
+    The run directory may be local, NFS or on object storage."""
     console = console or Console()
-    if is_uri(config.storage_path):
-        raise InputError(
-            f"the pipeline needs a local or NFS --storage-path, not {config.storage_path}; "
-            "on object storage run train, score and evaluate one by one"
-        )
     started_ray = start_ray(config.verbose)
     try:
         trained = train(config, console)
-        run_dir = Path(trained.run_dir)
+        run_dir = StoragePath.parse(trained.run_dir)
         console.rule("Scoring the test set")
-        scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=str(run_dir / "predictions"),
+        scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=run_dir.child("predictions").uri,
                                    data_dir=config.data_dir, use_gpu=trained.use_gpu, overwrite=True,
                                    resource_timeout_s=config.resource_timeout_s, verbose=config.verbose), console)
     finally:
@@ -39,7 +32,8 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     console.rule("Evaluation")
     evaluation = evaluate_predictions(scored.output)
     print_report(evaluation, console)
-    write_json(evaluation, run_dir / "report.json")
-    plot_confusion_matrix(evaluation, run_dir / "confusion_matrix.png")
-    console.print(f"report: {run_dir / 'report.json'}\nplot:   {run_dir / 'confusion_matrix.png'}", soft_wrap=True)
+    report, plot = run_dir.child("report.json").uri, run_dir.child("confusion_matrix.png").uri
+    write_json(evaluation, report)
+    plot_confusion_matrix(evaluation, plot)
+    console.print(f"report: {report}\nplot:   {plot}", soft_wrap=True)
     return evaluation

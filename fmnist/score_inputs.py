@@ -2,9 +2,10 @@
 
 The driver checks the input before Ray starts and keeps only a small table of work (the test
 set, file paths, or Parquet row groups). Row groups and image files are read by Ray Data
-tasks, a batch at a time, so memory stays flat however many images there are; on a cluster
-those tasks run on the driver's node, where the paths are. Every input becomes blocks of
-id, path, label and image (784 pixel values, or PNG/JPEG bytes).
+tasks, a batch at a time, so memory stays flat however many images there are. On a cluster,
+local paths are read on the driver's node, where they are; object storage (s3://, gs://)
+by tasks on any node, in parallel. Every input becomes blocks of id, path, label and image
+(784 pixel values, or PNG/JPEG bytes).
 """
 
 from __future__ import annotations
@@ -12,31 +13,35 @@ from __future__ import annotations
 import functools
 import math
 import re
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
-from fmnist.cluster import on_the_driver_node
+from fmnist.cluster import file_task_options
 from fmnist.data import load_test_split
 from fmnist.errors import InputError
-from fmnist.images import IMAGE_SUFFIXES, UnreadableImage, list_image_files, read_image
+from fmnist.evaluation import CHECKPOINT_METADATA_KEY
+from fmnist.images import IMAGE_SUFFIXES, UnreadableImage, read_image
 from fmnist.model import IMAGE_PIXELS
+from fmnist.outputs import incomplete, read_committed
+from fmnist.storage import StoragePath, describe_error
 
 # Parquet input: rows per Ray Data read task and block. Larger blocks cost memory (each is held
 # whole in the object store), smaller ones scheduling time.
 ROWS_PER_READ_TASK = 50_000
+READ_TASKS = 8  # at least this many read tasks where the input has as many row groups: parallel reads
 IMAGE_COLUMN_HELP = "a column 'image' of 784 uint8 pixels (a list) or of PNG/JPEG bytes (binary)"
 
 
 class _RowGroup(NamedTuple):
-    file: str
+    file: StoragePath
     index: int
     rows: int
     first_id: int  # the position of its first row in the input
@@ -48,6 +53,7 @@ class ScoringInput(NamedTuple):
     rows: int  # images to score
     table: pa.Table | None = None  # their rows (id, path, label[, image]): the test set, image files
     read_tasks: list[list[_RowGroup]] | None = None  # or the Parquet row groups that hold them, per task
+    location: StoragePath | None = None  # where the files are (None: the test set, in memory)
 
     def blocks(self, batch_size: int) -> int:
         """How many Ray Data blocks it makes: one per read task, or per batch of table rows."""
@@ -82,15 +88,15 @@ def _folder_key(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _image_dir_input(directory: Path, class_names: tuple[str, ...]) -> ScoringInput:
+def _image_dir_input(directory: StoragePath, files: list[StoragePath], class_names: tuple[str, ...]) -> ScoringInput:
     """The images under ``directory`` in sorted path order; a file's label is the class its folder is named after."""
-    files = list_image_files(directory)
     if not files:
-        raise InputError(f"--input {directory} holds no PNG/JPEG images (and no Parquet files); nothing to score")
+        raise InputError(f"--input {directory.uri} holds no PNG/JPEG images (and no Parquet files); nothing to score")
     classes = {_folder_key(name): index for index, name in enumerate(class_names)}
-    labels = [classes.get(_folder_key(f.parent.name)) if f.parent != directory else None for f in files]
-    rows = _image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[str(f) for f in files])
-    return ScoringInput(len(files), table=rows)
+    folders = [f.path[len(directory.path) + 1:].rpartition("/")[0] for f in files]  # "" for a file at the top
+    labels = [classes.get(_folder_key(folder.rsplit("/", 1)[-1])) if folder else None for folder in folders]
+    rows = _image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[f.uri for f in files])
+    return ScoringInput(len(files), table=rows, location=directory)
 
 
 def _is_image_bytes(kind: pa.DataType) -> bool:
@@ -98,7 +104,7 @@ def _is_image_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
-def _check_parquet_schema(file: Path, schema: pa.Schema) -> str:
+def _check_parquet_schema(file: str, schema: pa.Schema) -> str:
     """The file's image encoding ('bytes' or 'pixels'), or an InputError for what scoring can't read."""
     if "image" not in schema.names:
         raise InputError(f"{file} has no column 'image'; scoring needs {IMAGE_COLUMN_HELP}")
@@ -113,26 +119,31 @@ def _check_parquet_schema(file: Path, schema: pa.Schema) -> str:
     return "bytes" if is_bytes else "pixels"
 
 
-def _parquet_input(files: list[Path]) -> ScoringInput:
+def _parquet_input(location: StoragePath, files: list[StoragePath], committed: bool) -> ScoringInput:
+    """``files`` (under ``location``), checked; ``committed``: whether a _SUCCESS manifest lists them."""
     row_groups, rows = [], 0
-    encodings: dict[str, Path] = {}  # image encoding -> the first file that has it
+    encodings: dict[str, str] = {}  # image encoding -> the first file that has it
     for file in files:
         try:
-            with pq.ParquetFile(file) as parquet:
+            with pq.ParquetFile(file.path, filesystem=file.fs) as parquet:
                 schema, metadata = parquet.schema_arrow, parquet.metadata
         except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{file} is not a readable Parquet file ({' '.join(str(e).split())})") from None
-        encodings.setdefault(_check_parquet_schema(file, schema), file)
+            raise InputError(f"{file.uri} is not a readable Parquet file ({' '.join(str(e).split())})") from None
+        if not committed and CHECKPOINT_METADATA_KEY in (schema.metadata or {}):
+            raise incomplete(location, "fmnist score")  # our own output, without its manifest
+        encodings.setdefault(_check_parquet_schema(file.uri, schema), file.uri)
         if len(encodings) > 1:  # batches mix rows of several files: one encoding for all
             raise InputError(f"{encodings['pixels']} holds pixel lists but {encodings['bytes']} image bytes in "
                              "column 'image'; score them as separate inputs")
         for index in range(metadata.num_row_groups):
-            row_groups.append(_RowGroup(str(file), index, metadata.row_group(index).num_rows, first_id=rows))
+            row_groups.append(_RowGroup(file, index, metadata.row_group(index).num_rows, first_id=rows))
             rows += row_groups[-1].rows
     if rows == 0:
-        raise InputError(f"--input {', '.join(map(str, files[:3]))}{'...' if len(files) > 3 else ''} has no rows")
-    # Tasks of about ROWS_PER_READ_TASK rows, whatever the row group size.
-    return ScoringInput(rows, read_tasks=list(_consecutive(row_groups, ROWS_PER_READ_TASK)))
+        raise InputError(f"--input {', '.join(f.uri for f in files[:3])}{'...' if len(files) > 3 else ''} has no rows")
+    # Tasks of about ROWS_PER_READ_TASK rows, whatever the row group size, and at least
+    # READ_TASKS of them where there are as many row groups.
+    per_task = min(ROWS_PER_READ_TASK, math.ceil(rows / READ_TASKS))
+    return ScoringInput(rows, read_tasks=list(_consecutive(row_groups, per_task)), location=location)
 
 
 class _ParquetRowGroups(ray.data.Datasource):
@@ -156,7 +167,7 @@ class _ParquetRowGroups(ray.data.Datasource):
     def _read_task(self, groups: list[_RowGroup]) -> ReadTask:
         rows = sum(group.rows for group in groups)
         metadata = BlockMetadata(num_rows=rows, size_bytes=rows * IMAGE_PIXELS,
-                                 input_files=sorted({group.file for group in groups}), exec_stats=None)
+                                 input_files=sorted({group.file.uri for group in groups}), exec_stats=None)
         return ReadTask(functools.partial(_read_row_groups, groups, self.batch_size), metadata)
 
 
@@ -174,7 +185,7 @@ def _consecutive(row_groups: list[_RowGroup], rows: int) -> Iterator[list[_RowGr
 
 def _read_row_groups(groups: list[_RowGroup], batch_size: int) -> Iterator[pa.Table]:
     for group in groups:
-        with pq.ParquetFile(group.file) as parquet:
+        with pq.ParquetFile(group.file.path, filesystem=group.file.fs) as parquet:
             columns = [c for c in ("id", "label", "image") if c in parquet.schema_arrow.names]
             next_id = group.first_id
             # One row group per call: given several, pyarrow reads ahead through all of them.
@@ -193,21 +204,28 @@ def _common_image_type(images: pa.Array) -> pa.Array:
 
 
 def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) -> ScoringInput:
+    """--input: 'test', or a Parquet file, or a directory (prefix) of Parquet files or of images, local or a URI."""
     if spec == "test":
         return _test_input(data_dir)
     if not spec:
         raise InputError("--input is empty; pass 'test', a directory of PNG/JPEG images, or Parquet")
-    path = Path(spec).expanduser().absolute()
-    if not path.exists():
-        raise InputError(f"--input {path} does not exist; pass 'test', a directory of PNG/JPEG images, or Parquet")
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        raise InputError(f"--input {path} is one image; put it in a directory and pass the directory")
-    if path.is_file():
-        return _parquet_input([path])
-    parquet_files = sorted(path.rglob("*.parquet"), key=str)
-    if parquet_files:
-        return _parquet_input(parquet_files)
-    return _image_dir_input(path, class_names)
+    location = StoragePath.parse(spec, "--input")
+    try:
+        kind = location.info().type
+        if kind == pafs.FileType.NotFound:
+            raise InputError(f"--input {location.uri} does not exist; "
+                             "pass 'test', a directory of PNG/JPEG images, or Parquet")
+        if kind == pafs.FileType.File:
+            if location.path.lower().endswith(IMAGE_SUFFIXES):
+                raise InputError(f"--input {location.uri} is one image; put it in a directory and pass the directory")
+            return _parquet_input(location, [location], committed=True)
+        committed = read_committed(location, ".parquet")
+        parquet_files = committed if committed is not None else location.files((".parquet",))
+        if parquet_files:
+            return _parquet_input(location, parquet_files, committed=committed is not None)
+        return _image_dir_input(location, location.files(IMAGE_SUFFIXES), class_names)
+    except OSError as e:
+        raise InputError(f"--input {location.uri}: {describe_error(e)}") from None
 
 
 def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle,
@@ -220,13 +238,15 @@ def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHand
         # One block per task: Ray Data would cut each into many small ones, whose scheduling
         # took a fifth of the job's time on a 2-core machine.
         return ray.data.read_datasource(_ParquetRowGroups(source.read_tasks, batch_size),
-                                        override_num_blocks=source.blocks(batch_size), **on_the_driver_node())
+                                        override_num_blocks=source.blocks(batch_size),
+                                        **file_task_options(source.location))
     table = source.table
     blocks = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
     if "image" in table.column_names:
         return blocks
-    return blocks.map_batches(_decode_image_files, fn_kwargs=dict(tally=tally, skip_bad=skip_bad),
-                              batch_size=None, batch_format="pyarrow", **on_the_driver_node())
+    return blocks.map_batches(_decode_image_files,
+                              fn_kwargs=dict(tally=tally, skip_bad=skip_bad, directory=source.location),
+                              batch_size=None, batch_format="pyarrow", **file_task_options(source.location))
 
 
 def _row_name(batch: pa.Table, row: int) -> str:
@@ -296,9 +316,21 @@ def readable_rows(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool)
     return batch, pixels
 
 
-def _decode_image_files(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool) -> pa.Table:
-    """Rows naming image files -> the same rows with their pixels, read where the files are."""
+def _decode_image_files(batch: pa.Table, tally: ray.actor.ActorHandle, skip_bad: bool,
+                        directory: StoragePath) -> pa.Table:
+    """Rows naming image files under ``directory`` -> the same rows with their pixels."""
+    batch = batch.append_column("image", pa.array([_file_bytes(directory, uri) for uri in batch["path"].to_pylist()],
+                                                  pa.binary()))
     batch, pixels = readable_rows(batch, tally, skip_bad)
+    batch = batch.drop_columns(["image"])
     pixel_lists = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), IMAGE_PIXELS)
     return batch.append_column("image", pixel_lists)
 
+
+
+def _file_bytes(directory: StoragePath, uri: str) -> bytes:
+    """The bytes of the file at ``uri`` under ``directory``; none where it cannot be read (then named unreadable)."""
+    try:
+        return directory.relative(directory.path + uri[len(directory.uri):]).read_bytes()
+    except OSError:
+        return b""

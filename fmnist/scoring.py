@@ -3,23 +3,20 @@
     input (test set | image files | Parquet)  ->  a Ray Dataset, streamed batch by batch (score_inputs)
         -> map_batches(Predictor): a pool of model actors, each holding the model
         -> write_parquet into a hidden staging directory beside --output
-        -> renamed to --output only once every batch is written
+        -> moved to --output only once every batch is written, and a _SUCCESS manifest last (outputs)
 
-The driver checks the checkpoint and the input before Ray starts. On a cluster the input is
-read and the output written on the driver's node, where those paths are: only the model
-actors need other nodes.
+The driver checks the checkpoint, the input and the output before Ray starts. On a cluster,
+local and NFS paths are read and written on the driver's node, where they are; object
+storage (s3://, gs://) by Ray Data tasks on any node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -32,12 +29,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fmnist.checkpoints import load_checkpoint, resolve_checkpoint
-from fmnist.cluster import is_embedded, on_the_driver_node, one_per_gpu, start_ray, wait_for_resources
+from fmnist.cluster import file_task_options, is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.score_inputs import ScoringInput, open_input, readable_rows, to_dataset
-from fmnist.storage import StoragePath, is_uri
+from fmnist.outputs import StagedOutput
+from fmnist.storage import StoragePath, describe_error
 
 PREDICTIONS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -55,8 +53,8 @@ CPU_ACTORS = 2  # model actors on CPUs, unless told otherwise
 @dataclass(frozen=True)
 class ScoreConfig:
     checkpoint: str  # checkpoint directory, or run directory (its best checkpoint)
-    output: str  # directory of Parquet files to create
-    input: str = "test"  # 'test', a directory of images, or a Parquet file or directory
+    output: str  # directory (prefix) of Parquet files to create: local, NFS or a URI
+    input: str = "test"  # 'test', a directory of images, or a Parquet file or directory; local or a URI
     data_dir: str | None = None  # Fashion-MNIST IDX files, for input 'test'
     batch_size: int = 1024
     concurrency: int | None = None  # model actors; None: CPU_ACTORS, or with use_gpu one per GPU there is
@@ -154,40 +152,6 @@ def _placement(use_gpu: bool, actors: int) -> tuple[float, int]:
 # ----------------------------------------------------------------------------- output and console
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-@contextlib.contextmanager
-def _staging_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A directory beside ``output`` to write into, moved to ``output`` only if the block succeeds.
-
-    On any failure, Ctrl-C included, it is deleted: ``output`` is never left half-written.
-    """
-    staging = output.with_name(f".{output.name}.incomplete-{uuid.uuid4().hex[:8]}")
-    try:  # made now, so that an --output that cannot be written fails before any work
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as e:
-        reason = e.strerror or e
-        raise InputError(f"cannot write --output {output} ({reason}); pass a directory you can write to") from None
-    try:
-        yield staging
-        if overwrite and output.exists():
-            replaced = staging.with_name(f".{output.name}.replaced-{uuid.uuid4().hex[:8]}")
-            output.rename(replaced)
-            staging.rename(output)
-            _remove(replaced)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 @contextlib.contextmanager
 def _progress(console: Console, tally: ray.actor.ActorHandle, total: int) -> Iterator[None]:
     """A live bar of images scored, polled from the actors' tally while the job runs."""
@@ -246,14 +210,15 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
     model_config = model.config
     source = open_input(config.input, config.data_dir, model_config.class_names)
-    with _staging_dir(output, config.overwrite) as staging:
+    _check_output(output, config, source)
+    with StagedOutput(output) as staged:
         started_ray = start_ray(config.verbose)
         try:
             if not config.verbose:
                 _quiet_ray_data_console()
             predictions, tally = _predictions(config, model, model_config, source, console)
             try:
-                result = _write(predictions, tally, source.rows, staging, output, checkpoint, config, console)
+                result = _write(predictions, tally, source.rows, staged, checkpoint, config, console)
             finally:
                 ray.kill(tally)  # it would outlive the job in a Ray session that goes on
         finally:
@@ -263,24 +228,29 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     return result
 
 
-def _output_dir(config: ScoreConfig) -> Path:
-    """--output, checked: a local directory that may be made, or replaced without losing anything else."""
-    if is_uri(config.output):
-        raise InputError(f"--output {config.output}: scoring writes to a local or NFS directory, not a URI; "
-                         "copy the predictions to object storage afterwards")
-    output = Path(config.output).expanduser().absolute()
-    if output.exists() and not config.overwrite:
-        raise InputError(f"--output {output} already exists; pass --overwrite to replace it, or choose another")
-    # --overwrite replaces the directory whole: it must not hold what the job reads, or where you are.
-    in_use = {"--checkpoint": config.checkpoint, "the current directory": "."}
-    if config.input != "test":
-        in_use["--input"] = config.input
-    for what, path in in_use.items():
-        held = Path(path).expanduser().resolve()
-        if not is_uri(path) and output.resolve() in (held, *held.parents):
-            raise InputError(f"--output {output} holds {what}, which replacing it would delete; "
-                             "choose another --output")
+def _output_dir(config: ScoreConfig) -> StoragePath:
+    """--output, checked before the checkpoint and input are read: new, or --overwrite."""
+    output = StoragePath.parse(config.output, "--output")
+    if not output.is_local and "/" not in output.path.strip("/"):
+        raise InputError(f"--output {output.uri} is a bucket or a filesystem root; pass a directory in it")
+    try:
+        exists = output.exists()
+    except OSError as e:
+        raise InputError(f"--output {output.uri}: {describe_error(e)}") from None
+    if exists and not config.overwrite:
+        raise InputError(f"--output {output.uri} already exists; pass --overwrite to replace it, or choose another")
     return output
+
+
+def _check_output(output: StoragePath, config: ScoreConfig, source: ScoringInput) -> None:
+    """--overwrite replaces the output whole: it must not hold what the job reads, or where you are."""
+    in_use = {"--checkpoint": StoragePath.parse(config.checkpoint), "the current directory": StoragePath.parse(".")}
+    if source.location is not None:
+        in_use["--input"] = source.location
+    for what, held in in_use.items():
+        if output.holds(held):
+            raise InputError(f"--output {output.uri} holds {what}, which replacing it would delete; "
+                             "choose another --output")
 
 
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: ScoringInput,
@@ -305,15 +275,16 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
     return predictions, tally
 
 
-def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staging: Path, output: Path,
+def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staged: StagedOutput,
            checkpoint: StoragePath, config: ScoreConfig, console: Console) -> ScoreResult:
-    """Run the pipeline into Parquet files in ``staging`` (which becomes ``output``)."""
+    """Run the pipeline into Parquet files in ``staged``, and commit them to the output."""
     schema = PREDICTIONS_SCHEMA.with_metadata({CHECKPOINT_METADATA_KEY: checkpoint.uri.encode()})
     start = time.monotonic()
+    staging = staged.dir
     with _progress(console, tally, total):
         try:
-            predictions.write_parquet(str(staging), schema=schema, min_rows_per_file=ROWS_PER_FILE,
-                                      ray_remote_args=on_the_driver_node())
+            predictions.write_parquet(staging.path, filesystem=staging.fs, schema=schema,
+                                      min_rows_per_file=ROWS_PER_FILE, ray_remote_args=file_task_options(staging))
         except Exception:
             _, unreadable = ray.get(tally.get.remote())
             if unreadable and not config.skip_bad:
@@ -321,10 +292,16 @@ def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: i
                                  "or pass --skip-bad to score the other images") from None
             raise
     _, skipped = ray.get(tally.get.remote())
-    files = sorted(staging.glob("*.parquet"))
-    scored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    files = staging.files((".parquet",))
+    scored = sum(pq.ParquetFile(f.path, filesystem=f.fs).metadata.num_rows for f in files)
     if scored == 0:
         raise InputError(f"none of the {total:,} images of --input {config.input} could be read "
                          f"(the first: {skipped[0] if skipped else 'none reported'})")
-    return ScoreResult(output=str(output), checkpoint=checkpoint.uri, rows=scored, files=len(files),
+    staged.commit(rows=scored, schema=[[f.name, str(f.type)] for f in PREDICTIONS_SCHEMA],
+                  checkpoint=checkpoint.uri, input=_shown_input(config), skipped=len(skipped))
+    return ScoreResult(output=staged.output.uri, checkpoint=checkpoint.uri, rows=scored, files=len(files),
                        seconds=time.monotonic() - start, skipped=skipped)
+
+
+def _shown_input(config: ScoreConfig) -> str:
+    return config.input if config.input == "test" else StoragePath.parse(config.input).uri

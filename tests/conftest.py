@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from fmnist.data import find_data_dir
+from s3_server import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
@@ -22,12 +23,29 @@ def one_error_line(capsys) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3 API (moto) for the session; its endpoint and credentials are set in the environment
+    before Ray starts, so the driver and every Ray worker (and subprocess) reach it."""
+    server = S3Server()
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server."""
+    return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """Each ray.init costs seconds: every test that needs Ray shares this one."""
     if not ray.is_initialized():
         # More CPUs than cores: training workers, scoring actors and Ray Data tasks of a test
-        # must all fit at once.
-        ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False)
+        # must all fit at once. The workers get the S3 settings explicitly, as a cluster's would.
+        ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False,
+                 runtime_env={"env_vars": s3_server.env})
     yield
     ray.shutdown()
 

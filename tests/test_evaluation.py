@@ -21,6 +21,8 @@ from fmnist.data import load_test_split
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY, evaluate_predictions
 from fmnist.evaluation_report import print_report
 from fmnist.model import CLASS_NAMES
+from fmnist.outputs import StagedOutput
+from fmnist.storage import StoragePath
 
 from conftest import REPO, one_error_line
 
@@ -43,9 +45,21 @@ def realistic_predictions(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return labels, predictions
 
 
+def committed(directory: Path, files: dict[str, pa.Table | bytes]) -> Path:
+    """``files`` (Parquet tables, or raw bytes) committed to ``directory`` as 'fmnist score' commits its output."""
+    with StagedOutput(StoragePath.parse(str(directory))) as staged:
+        for name, content in files.items():
+            target = Path(staged.dir.path) / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                pq.write_table(content, target)
+        staged.commit(rows=sum(c.num_rows for c in files.values() if isinstance(c, pa.Table)), schema=[])
+    return directory
+
+
 def write_predictions(directory: Path, labels, predictions, files: int = 1, checkpoint: str | None = None) -> Path:
     """Predictions as 'fmnist score' writes them (SPEC.md): every column, split over ``files`` files."""
-    directory.mkdir(parents=True, exist_ok=True)
     predictions = np.asarray(predictions, dtype=np.int64)
     n = len(predictions)
     probabilities = np.full((n, 10), 0.02, dtype=np.float32)
@@ -61,9 +75,8 @@ def write_predictions(directory: Path, labels, predictions, files: int = 1, chec
     })
     if checkpoint:
         table = table.replace_schema_metadata({CHECKPOINT_METADATA_KEY: checkpoint.encode()})
-    for k, rows in enumerate(np.array_split(np.arange(n), files)):
-        pq.write_table(table.take(rows), directory / f"part-{k:03d}.parquet")
-    return directory
+    parts = np.array_split(np.arange(n), files)
+    return committed(directory, {f"part-{k:03d}.parquet": table.take(rows) for k, rows in enumerate(parts)})
 
 
 def assert_matches_sklearn(figures: dict, labels, predictions) -> None:
@@ -189,9 +202,7 @@ def test_min_accuracy_met_exactly_passes(tmp_path, capsys):
 
 
 def _write_table(directory: Path, table: pa.Table) -> Path:
-    directory.mkdir()
-    pq.write_table(table, directory / "part-000.parquet")
-    return directory
+    return committed(directory, {"part-000.parquet": table})
 
 
 def _missing(tmp_path):
@@ -205,9 +216,15 @@ def _empty_dir(tmp_path):
 
 
 def _not_parquet(tmp_path):
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "part-000.parquet").write_text("not parquet")
-    return tmp_path / "bad"
+    return committed(tmp_path / "bad", {"part-000.parquet": b"not parquet"})
+
+
+def _no_manifest(tmp_path):
+    """Predictions whose scoring run did not finish: data, but no _SUCCESS."""
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"label": pa.array([1], pa.int64()), "prediction": pa.array([1], pa.int64())}),
+                   tmp_path / "p" / "part-000.parquet")
+    return tmp_path / "p"
 
 
 def _no_label_column(tmp_path):
@@ -250,6 +267,7 @@ def _damaged_data_pages(tmp_path):
     (_missing, "does not exist"),
     (_empty_dir, "no .parquet files"),
     (_not_parquet, "not a readable Parquet file"),
+    (_no_manifest, "is incomplete (no _SUCCESS)"),
     (_no_label_column, "no 'label' column"),
     (_string_labels, "not an integer class index"),
     (_no_labels, "evaluation needs the true class"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -38,6 +39,8 @@ def head_node(tmp_path_factory):
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(shadow.parent),
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    for name in [n for n in env if n.startswith("AWS_")]:  # storage settings come with each job, as on a cluster
+        env.pop(name)
     # As a user does once per machine: the token that the head node and `ray job submit` share.
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     dashboard = _free_port()
@@ -66,10 +69,12 @@ def head_node(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
 
 
-def _submit(head_node, *train_options: str) -> tuple[int, str]:
-    """`ray job submit` of workflows/train.py with these options; its exit status and output."""
+def _submit(head_node, *train_options: str, job_env: dict | None = None) -> tuple[int, str]:
+    """`ray job submit` of workflows/train.py with these options (and ``job_env`` in the job's runtime
+    environment); its exit status and output."""
     address, env = head_node
-    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), *runtime_env, "--",
                "python", "workflows/train.py", *train_options]
     for attempt in range(10):  # the job agent takes a few seconds more than the dashboard
         job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -98,3 +103,15 @@ def test_a_job_gives_the_cluster_resource_timeout_to_grow(head_node, tmp_path, r
     # grow: there it fails at once), then says what is missing.
     assert "Waiting up to 5 s for the cluster to make room for training with 3 workers" in output
     assert code != 0 and "error: training with 3 workers needs 3 CPU but the cluster has 2 CPU" in output
+
+
+def test_a_job_on_s3_gets_its_storage_settings_from_the_runtime_env(head_node, s3_server, bucket, real_data_dir):
+    # The head node has no S3 settings; the job's runtime environment brings them to its driver and
+    # to the Ray Train workers, which upload the checkpoints.
+    code, output = _submit(head_node, "--epochs", "1", "--num-workers", "2", "--storage-path",
+                           f"s3://{bucket}/runs", "--name", "job", "--data-dir", str(real_data_dir),
+                           job_env=s3_server.env)
+    assert code == 0, output
+    assert "testing-secret" not in output  # never a secret
+    keys = s3_server.keys(bucket, "runs/job/")
+    assert "runs/job/history.csv" in keys and any(k.endswith("/model.pt") for k in keys)

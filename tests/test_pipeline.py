@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from fmnist.cli import main
 
-from conftest import PNG_MAGIC, one_error_line
+from conftest import PNG_MAGIC
 
 
 def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys):
@@ -30,7 +30,3 @@ def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_
         assert (run / png).read_bytes()[:8] == PNG_MAGIC
     assert "Shirt" in out and "T-shirt/top" in out  # the report's class names
 
-
-def test_pipeline_refuses_object_storage_before_training(tmp_path, capsys):
-    assert main(["pipeline", "--storage-path", "s3://bucket/runs"]) == 2
-    assert "local or NFS --storage-path" in one_error_line(capsys)

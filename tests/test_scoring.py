@@ -240,13 +240,6 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint,
     assert not out.exists()
 
 
-def test_output_on_object_storage_is_refused(checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert score("--checkpoint", checkpoint, "--output", "s3://bucket/predictions") == 2
-    assert "--output s3://bucket/predictions" in one_error_line(capsys)
-    assert os.listdir(tmp_path) == []  # not a local directory named "s3:"
-
-
 def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
     folder = _folder_with_a_broken_image(tmp_path, test_set[0])
     (folder / "030_not_an_image.jpg").write_text("hello")
