@@ -89,6 +89,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.model import ACTIVATIONS
     from fmnist.training import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 
     d = TrainConfig()
@@ -111,7 +112,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="continue the run --name (default: the latest run) from its last checkpoint")
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     run.add_argument("--keep", type=_positive_int, default=d.keep,
-                     help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
+                     help="checkpoints to keep: the latest, or with --validation the best by validation accuracy "
+                          "and the latest (default %(default)s)")
     run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
@@ -122,6 +124,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="global batch size, split across workers (default %(default)s)")
     recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
                         help="hidden layer widths (default 256,128,64)")
+    recipe.add_argument("--activation", choices=tuple(ACTIVATIONS), default=d.activation,
+                        help="activation after each hidden layer (default %(default)s)")
     recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
     recipe.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay,
                         help="Adam weight decay (default %(default)s)")
@@ -130,6 +134,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
                         help="learning-rate schedule over the epochs (default %(default)s)")
     recipe.add_argument("--seed", type=_seed, default=d.seed, help="random seed (default %(default)s)")
+    _validation_argument(recipe, d.validation)
+
+
+def _validation_argument(p: argparse.ArgumentParser, default: int) -> None:
+    from fmnist.data import MAX_VALIDATION
+
+    p.add_argument("--validation", type=_checked(int, lambda v: 0 <= v <= MAX_VALIDATION,
+                                                 f"an integer from 0 to {MAX_VALIDATION:,}"),
+                   default=default, metavar="N",
+                   help="hold out N training images (class-balanced, drawn from --seed) to report validation "
+                        "figures and choose the best checkpoint on (default %(default)s: none; the last "
+                        "checkpoint is the run's)")
 
 
 def _train_config(args: argparse.Namespace):
