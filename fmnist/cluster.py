@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
 import ray
@@ -15,11 +16,13 @@ from fmnist.errors import InputError
 _embedded_node: str | None = None  # the node of the local Ray instance start_ray started, if any
 
 
-def start_ray(verbose: bool = False) -> bool:
+def start_ray(verbose: bool = False, dashboard: bool = False) -> bool:
     """Join the cluster of a submitted job (RAY_ADDRESS), or start an embedded local Ray.
 
     Returns whether this call connected (then the caller shuts Ray down). Ray's own log
-    lines are kept off the user's terminal unless ``verbose``.
+    lines are kept off the user's terminal unless ``verbose``. An embedded Ray has no dashboard
+    unless ``dashboard`` (a search needs its state API: Ray Train frees the resources of a run
+    that Tune stopped by asking it whether the run's controller is gone).
     """
     global _embedded_node
     if not verbose:
@@ -33,7 +36,8 @@ def start_ray(verbose: bool = False) -> bool:
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        include_dashboard=False,  # ignored when joining a cluster; saves an embedded one a second
+        include_dashboard=dashboard,  # ignored when joining a cluster; without, an embedded one starts faster
+        **({"dashboard_port": _free_port()} if dashboard else {}),  # not 8265: a `ray start` may want it
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
@@ -42,6 +46,12 @@ def start_ray(verbose: bool = False) -> bool:
         ray.data.DataContext.get_current().enable_progress_bars = False
     _embedded_node = ray.get_runtime_context().get_node_id() if address == "local" else None
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_embedded() -> bool:
@@ -84,7 +94,7 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
     asked_autoscaler = False
     try:
         while True:
-            room = _room_for(bundle)
+            room = room_for(bundle)
             if room >= count:
                 return
             if time.monotonic() >= deadline:
@@ -101,7 +111,7 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
             request_resources(bundles=[])
 
 
-def _room_for(bundle: dict[str, float]) -> int:
+def room_for(bundle: dict[str, float]) -> int:
     """How many ``bundle``s the cluster's live nodes hold, each within one node (an empty node's worth)."""
     room = 0
     for node in ray.nodes():
