@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import ray
@@ -16,13 +15,11 @@ from fmnist.errors import InputError
 _embedded_node: str | None = None  # the node of the local Ray instance start_ray started, if any
 
 
-def start_ray(verbose: bool = False, dashboard: bool = False) -> bool:
+def start_ray(verbose: bool = False) -> bool:
     """Join the cluster of a submitted job (RAY_ADDRESS), or start an embedded local Ray.
 
     Returns whether this call connected (then the caller shuts Ray down). Ray's own log
-    lines are kept off the user's terminal unless ``verbose``. An embedded Ray has no dashboard
-    unless ``dashboard`` (a search needs its state API: Ray Train frees the resources of a run
-    that Tune stopped by asking it whether the run's controller is gone).
+    lines are kept off the user's terminal unless ``verbose``.
     """
     global _embedded_node
     if not verbose:
@@ -36,8 +33,7 @@ def start_ray(verbose: bool = False, dashboard: bool = False) -> bool:
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        include_dashboard=dashboard,  # ignored when joining a cluster; without, an embedded one starts faster
-        **({"dashboard_port": _free_port()} if dashboard else {}),  # not 8265: a `ray start` may want it
+        include_dashboard=False,  # ignored when joining a cluster; saves an embedded one a second
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
@@ -46,12 +42,6 @@ def start_ray(verbose: bool = False, dashboard: bool = False) -> bool:
         ray.data.DataContext.get_current().enable_progress_bars = False
     _embedded_node = ray.get_runtime_context().get_node_id() if address == "local" else None
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_embedded() -> bool:

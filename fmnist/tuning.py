@@ -149,6 +149,35 @@ def _tune_dirname(trial) -> str:
     return f"tune_{trial.trial_id}"
 
 
+class _FreeStoppedRuns(ray.tune.Callback):
+    """Removes the placement groups (the reserved CPUs/GPUs) of Ray Train runs whose controller is gone.
+
+    When Tune stops a trial (ASHA, or the end of its budget) it ends the trial's process, and the
+    Ray Train controller it started goes with it, before the controller removes its workers'
+    placement group. Ray Train leaves that to a watcher that asks the dashboard's state API, which
+    fails where there is no dashboard or more than one Ray instance on the machine; the group then
+    holds its resources until the search ends, and the next trials wait for them forever. GCS
+    records which groups' creator actor is dead: those are removed here, once a second.
+    """
+
+    def __init__(self):
+        self.last = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.monotonic() - self.last < 1:
+            return
+        self.last = time.monotonic()
+        from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for entry in state._connect_and_get_accessor().get_placement_group_table():
+            group = PlacementGroupTableData.FromString(entry)
+            if (group.creator_actor_dead and not group.is_detached
+                    and group.state == PlacementGroupTableData.CREATED):
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+
+
 # ----------------------------------------------------------------------------- reading trials back
 
 
@@ -263,7 +292,7 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
     search_dir, config, space = check_search(config)
     data = load_fashion_mnist(config.data_dir)  # validated before Ray starts
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables or banners: the view is ours
-    started_ray = start_ray(config.verbose, dashboard=True)
+    started_ray = start_ray(config.verbose)
     try:
         use_gpu, concurrency = _placed(config, console)
         settings = TrialSettings(search_dir.uri, config.max_epochs, config.validation, config.seed,
@@ -315,7 +344,7 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
                 ),
                 run_config=ray.tune.RunConfig(
                     name=config.name, storage_path=StoragePath.parse(config.storage_path).uri,
-                    callbacks=[view], verbose=0,
+                    callbacks=[view, _FreeStoppedRuns()], verbose=0,
                     failure_config=ray.tune.FailureConfig(max_failures=0),  # a failing trial fails alone
                 ),
             )
