@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ from rich.console import Console
 
 from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist
-from fmnist.errors import InputError
+from fmnist.errors import InputError, JobFailed
 from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.storage import StoragePath
 from fmnist.training import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, train
@@ -173,7 +174,8 @@ class _FreeStoppedRuns(ray.tune.Callback):
 
         for entry in state._connect_and_get_accessor().get_placement_group_table():
             group = PlacementGroupTableData.FromString(entry)
-            if (group.creator_actor_dead and not group.is_detached
+            made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
+            if (made_by_an_actor and group.creator_actor_dead and not group.is_detached
                     and group.state == PlacementGroupTableData.CREATED):
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
 
@@ -292,6 +294,8 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
     search_dir, config, space = check_search(config)
     data = load_fashion_mnist(config.data_dir)  # validated before Ray starts
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables or banners: the view is ours
+    if not config.verbose:
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials: the view and leaderboard say why
     started_ray = start_ray(config.verbose)
     try:
         use_gpu, concurrency = _placed(config, console)
@@ -369,8 +373,7 @@ def _report(config: SearchConfig, settings: TrialSettings, rows: list[TrialRow],
     best = rows[0] if rows and rows[0].val_accuracy is not None else None
     if best is None:
         search_dir.write("best_config.json", json.dumps({"best": None, "reason": "every trial failed"}).encode())
-        console.print("[red]No trial finished an epoch[/]: see leaderboard.csv for why each failed")
-        return SearchResult(search_dir.uri, rows, None, None, None)
+        raise JobFailed(f"every trial failed; {search_dir.uri}/leaderboard.csv says why, one line each")
     command = "fmnist train " + shlex.join(train_arguments(best.recipe, settings))
     summary = {"trial": best.trial, "run_dir": best.run_dir, "val_accuracy": best.val_accuracy,
                "best_epoch": best.best_epoch, "epochs": best.epochs, "status": best.status,
