@@ -21,7 +21,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -296,7 +298,16 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables or banners: the view is ours
     if not config.verbose:
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials: the view and leaderboard say why
-    started_ray = start_ray(config.verbose)
+    # Ray's processes inherit an ignored SIGINT: a Ctrl-C in the terminal then reaches only this
+    # process, where Tune stops the search and saves it, instead of ending the trials' own processes
+    # (Tune would take a trial ended that way for finished, and never resume it).
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be set
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main_thread else None
+    try:
+        started_ray = start_ray(config.verbose)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous)
     try:
         use_gpu, concurrency = _placed(config, console)
         settings = TrialSettings(search_dir.uri, config.max_epochs, config.validation, config.seed,

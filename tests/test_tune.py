@@ -109,20 +109,25 @@ def test_the_printed_train_command_reproduces_the_best_trial_and_score_takes_a_t
 
     assert main(["score", "--checkpoint", best["run_dir"], "--output", str(tmp_path / "p"),
                  "--data-dir", str(real_data_dir)]) == 0
-    assert (tmp_path / "p" / "_SUCCESS").exists()
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "p").num_rows == 10_000
 
 
-def test_ctrl_c_stops_a_search_and_resume_finishes_it_without_rerunning_finished_trials(real_data_dir, tmp_path):
-    space = write_space(tmp_path / "space.json", TINY_SPACE)
+def test_ctrl_c_then_resume_finishes_the_search_and_a_trial_with_an_impossible_recipe_fails_alone(
+        real_data_dir, tmp_path):
+    # Dropout 1.5 cannot be trained: such trials fail (as `fmnist train --dropout 1.5` would refuse
+    # it), the others go on. Seed 2 draws 1.5, 0.1, 0.1.
+    space = write_space(tmp_path / "space.json", {"depth": 1, "width": 16, "dropout": {"choice": [0.1, 1.5]}})
     options = ["--trials", "3", "--max-epochs", "1", "--grace-period", "1", "--concurrency", "1", "--validation",
-               "1000", "--space", space, "--storage-path", str(tmp_path), "--name", "cut",
+               "1000", "--seed", "2", "--space", space, "--storage-path", str(tmp_path), "--name", "cut",
                "--data-dir", str(real_data_dir)]
     search_dir = tmp_path / "cut"
 
-    def first_trial_done() -> bool:
+    def a_trial_done() -> bool:
         return any(len(read_csv(h)) == 1 for h in search_dir.glob("trial_*/history.csv"))
 
-    code, output = tune(*options, interrupt_when=first_trial_done)
+    code, output = tune(*options, interrupt_when=a_trial_done)
     assert code == 130, output
     assert f"fmnist tune --resume --storage-path {tmp_path} --name cut" in output
     done = {h: h.stat().st_mtime_ns for h in search_dir.glob("trial_*/history.csv") if len(read_csv(h)) == 1}
@@ -131,21 +136,12 @@ def test_ctrl_c_stops_a_search_and_resume_finishes_it_without_rerunning_finished
                         "--data-dir", str(real_data_dir))
     assert code == 0, output
     board = read_csv(search_dir / "leaderboard.csv")
-    assert len(board) == 3 and {row["status"] for row in board} == {"finished"}
+    assert len(board) == 3
     assert {h: h.stat().st_mtime_ns for h in done} == done  # not trained again
-
-
-def test_a_trial_with_an_impossible_recipe_fails_alone(real_data_dir, tmp_path):
-    space = write_space(tmp_path / "space.json", {"depth": 1, "width": 16, "dropout": {"choice": [0.1, 1.5]}})
-    code, output = tune("--trials", "4", "--max-epochs", "1", "--grace-period", "1", "--concurrency", "2",
-                        "--validation", "1000", "--seed", "0", "--space", space, "--storage-path", str(tmp_path),
-                        "--name", "f", "--data-dir", str(real_data_dir))
-    assert code == 0, output
-    board = read_csv(tmp_path / "f" / "leaderboard.csv")
     failed = [row for row in board if row["status"] == "failed"]
     assert failed and len(failed) < len(board), board
     for row in failed:
-        assert row["dropout"] == "1.5" and "--dropout" in row["error"] and "\n" not in row["error"]
+        assert row["dropout"] == "1.5" and "--dropout" in row["error"] and row["epochs"] == "0"
     assert all(row["status"] == "finished" and row["dropout"] == "0.1" for row in board if row not in failed)
 
 
