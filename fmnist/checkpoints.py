@@ -5,8 +5,9 @@ A checkpoint directory holds
   model_config.json   ModelConfig: enough to rebuild the model without the training options
   metrics.json        the epoch's figures (epoch, train_loss, test_loss, test_accuracy, ...)
   training_state.pt   what resuming needs: optimizer, epoch, seed, history
-A run directory holds Ray Train's ``checkpoint_*`` directories; "the run" means its best one
-by test accuracy.
+A run directory holds Ray Train's ``checkpoint_*`` directories; "the run" means its best one by
+validation accuracy when it was trained with --validation, and otherwise its last: nothing is
+chosen on the test set, which is kept for the figures reported.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ def load_training_state(directory: Path) -> dict[str, Any]:
 
 
 def best_checkpoint(run_dir: StoragePath) -> StoragePath | None:
-    """The run's checkpoint with the highest test accuracy; the later epoch wins a tie."""
+    """The run's checkpoint with the highest validation accuracy (the later epoch wins a tie), or
+    its last one for a run without a validation split."""
     scored = []
     for name in run_dir.subdirectories():
         if not name.startswith("checkpoint_"):
             continue
         try:
             m = json.loads(run_dir.child(name).read_text(METRICS_FILE))
-            scored.append((m["test_accuracy"], m["epoch"], name))
+            scored.append((m.get("val_accuracy", 0.0), m["epoch"], name))
         except (OSError, ValueError, KeyError):
             continue  # a checkpoint being written, or not ours: not a candidate
     return run_dir.child(max(scored)[2]) if scored else None

@@ -1,4 +1,4 @@
-"""The command line: ``fmnist train|score|evaluate|pipeline`` (and workflows/*.py).
+"""The command line: ``fmnist train|score|evaluate|pipeline|tune`` (and workflows/*.py).
 
 Exit status: 0 success; 1 the job ran but missed its goal; 2 bad input or usage, with one
 ``error: ...`` line on stderr.
@@ -92,6 +92,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.model import ACTIVATIONS
     from fmnist.training import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 
     d = TrainConfig()
@@ -114,7 +115,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="continue the run --name (default: the latest run) from its last checkpoint")
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     run.add_argument("--keep", type=_positive_int, default=d.keep,
-                     help="best checkpoints to keep by test accuracy, besides the latest (default %(default)s)")
+                     help="checkpoints to keep: the latest, or with --validation the best by validation accuracy "
+                          "and the latest (default %(default)s)")
     run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
@@ -125,6 +127,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="global batch size, split across workers (default %(default)s)")
     recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
                         help="hidden layer widths (default 256,128,64)")
+    recipe.add_argument("--activation", choices=tuple(ACTIVATIONS), default=d.activation,
+                        help="activation after each hidden layer (default %(default)s)")
     recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
     recipe.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay,
                         help="Adam weight decay (default %(default)s)")
@@ -133,6 +137,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
                         help="learning-rate schedule over the epochs (default %(default)s)")
     recipe.add_argument("--seed", type=_seed, default=d.seed, help="random seed (default %(default)s)")
+    _validation_argument(recipe, d.validation, 0, "none; the last checkpoint is the run's")
+
+
+def _validation_argument(p: argparse.ArgumentParser, default: int, minimum: int, meaning: str) -> None:
+    from fmnist.data import MAX_VALIDATION
+
+    p.add_argument("--validation", type=_checked(int, lambda v: minimum <= v <= MAX_VALIDATION,
+                                                 f"an integer from {minimum} to {MAX_VALIDATION:,}"),
+                   default=default, metavar="N",
+                   help="hold out N training images (class-balanced, drawn from --seed) to report validation "
+                        f"figures and choose the best checkpoint on (default %(default)s: {meaning})")
 
 
 def _train_config(args: argparse.Namespace):
@@ -242,6 +257,58 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
 
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.tuning import SearchConfig
+
+    d = SearchConfig()
+    search = p.add_argument_group("search")
+    search.add_argument("--trials", type=_positive_int, default=d.trials, help="trials to run (default %(default)s)")
+    search.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs,
+                        help="epochs of a trial that ASHA does not stop: each trial's --epochs (default %(default)s)")
+    search.add_argument("--grace-period", type=_positive_int, default=d.grace_period,
+                        help="epochs every trial trains before ASHA may stop it (default %(default)s)")
+    search.add_argument("--space", default=None, metavar="FILE",
+                        help="search space, a JSON file like fmnist/search_space.json (default: that file)")
+    search.add_argument("--architecture", type=_hidden_widths, default=None, metavar="W,W",
+                        help="fix the hidden widths (e.g. 256,128,64) and search the recipe only")
+    search.add_argument("--search", choices=("random", "optuna"), default=d.search,
+                        help="random search, or Optuna's model-based sampler (default %(default)s)")
+    search.add_argument("--seed", type=_seed, default=d.seed,
+                        help="seed of the search, the validation split and every trial (default %(default)s)")
+    _validation_argument(search, d.validation, 1, "a search always chooses on validation figures")
+    search.add_argument("--confirm", type=_non_negative_int, default=d.confirm, metavar="N",
+                        help="retrain the best recipe on the full training set with N seeds and report its "
+                             "test accuracy, mean ± sd (default: no)")
+    run = p.add_argument_group("run")
+    run.add_argument("--workers-per-trial", type=_positive_int, default=d.workers_per_trial, metavar="W",
+                     help="Ray Train workers of each trial (default %(default)s)")
+    run.add_argument("--cpus-per-worker", type=_positive_int, default=d.cpus_per_worker, metavar="N",
+                     help="CPUs each worker reserves and uses as torch threads (default %(default)s)")
+    run.add_argument("--concurrency", type=_positive_int, default=None, metavar="C",
+                     help="trials at once (default: as many as the cluster holds)")
+    gpu = run.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", action="store_true", default=None,
+                     help="train on GPUs (default: when the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
+    run.add_argument("--storage-path", default=d.storage_path,
+                     help="where search directories go: a local/NFS path or s3://, gs:// (default %(default)s)")
+    run.add_argument("--name", default=None, help="search directory name (default: tune-<date>-<time>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the search --name where it stopped (finished trials are not rerun)")
+    run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
+                     help="worker failures each trial recovers from, from its last checkpoint (default %(default)s)")
+    _resource_timeout_argument(run, d.resource_timeout_s)
+    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from fmnist.tuning import SearchConfig, run_search
+
+    run_search(_config_from_args(SearchConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fmnist", description="Train, batch-score and evaluate a Fashion-MNIST classifier on Ray.",
                      epilog="Exit status: 0 success; 1 the job ran but failed or missed its goal (--min-accuracy); "
@@ -254,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                      _run_evaluate),
         "pipeline": ("train, score the test set and evaluate, into one run directory", add_pipeline_arguments,
                      _run_pipeline),
+        "tune": ("search hyperparameters with Ray Tune: trials of Ray Train runs, ASHA on validation accuracy",
+                 add_tune_arguments, _run_tune),
     }
     for name, (help_text, add_arguments, run) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -100,7 +100,7 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
     request = None
     try:
         while True:
-            room = _room_for(bundle)
+            room = room_for(bundle)
             if room >= count:
                 return
             if time.monotonic() >= deadline:
@@ -126,7 +126,7 @@ def _placed(group) -> bool:
     return placement_group_table(group).get("state") == "CREATED"
 
 
-def _room_for(bundle: dict[str, float]) -> int:
+def room_for(bundle: dict[str, float]) -> int:
     """How many ``bundle``s the cluster's live nodes hold, each within one node (an empty node's worth)."""
     room = 0
     for node in ray.nodes():

@@ -24,6 +24,7 @@ SPLITS = {  # split -> (images file, labels file, number of images)
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+MAX_VALIDATION = 30_000  # --validation: half the training set at most
 HOW_TO_GET = (
     "install it with 'apt-get install dataset-fashion-mnist', "
     "or pass --data-dir DIR (or set FMNIST_DATA_DIR) to a directory holding the four IDX files"
@@ -144,3 +145,20 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> FashionMNIS
 def load_test_split(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Only the 10,000 test images and labels (for scoring)."""
     return _read_split(find_data_dir(data_dir), "test")
+
+
+def validation_split(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (training, validation) of the training set with ``size`` images held out for validation.
+
+    Class-balanced: each class gives ``size // 10`` images (the first ``size % 10`` classes one more),
+    drawn from ``seed`` alone, so a run and its resume, or every trial of a search, hold out the same
+    images. Both index arrays are sorted.
+    """
+    rng = np.random.default_rng(seed)
+    classes = 10
+    held_out = [
+        rng.choice(np.flatnonzero(labels == c), size // classes + (c < size % classes), replace=False)
+        for c in range(classes)
+    ]
+    validation = np.sort(np.concatenate(held_out))
+    return np.setdiff1d(np.arange(len(labels)), validation), validation

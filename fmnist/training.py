@@ -2,7 +2,8 @@
 
 The driver reads and validates the data once and puts it in Ray's object store; each
 worker takes its share of every global batch, DDP averages the gradients, and every epoch
-ends with exact global figures over the whole test set and a checkpoint. Rank 0 streams
+ends with exact global figures over the whole test set (and the held-out validation images,
+with --validation) and a checkpoint. Rank 0 streams
 progress to the driver through a Ray queue; the driver draws it and writes the run's files.
 """
 
@@ -19,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 import ray
 import ray.train
@@ -31,7 +33,7 @@ from torch import nn
 
 from fmnist.checkpoints import METRICS_FILE, MODEL_FILE, best_checkpoint, load_training_state, save_checkpoint
 from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
-from fmnist.data import load_fashion_mnist
+from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
@@ -42,11 +44,13 @@ CPU_WORKERS = 2  # workers on a CPU-only cluster, unless told otherwise
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
-    "epochs", "lr", "batch_size", "hidden", "dropout", "weight_decay", "label_smoothing", "schedule", "seed",
+    "epochs", "lr", "batch_size", "hidden", "activation", "dropout", "weight_decay", "label_smoothing", "schedule",
+    "seed", "validation",
 )
 # Where it ran; a resumed run keeps these too unless told otherwise, since other workers draw
 # other dropout masks (and other threads round differently).
 PLACEMENT_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker")
+NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0}  # what runs from before these options used
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,13 @@ class TrainConfig:
     lr: float = 0.002
     batch_size: int = 200  # global, split across workers
     hidden: tuple[int, ...] = (256, 128, 64)
+    activation: str = "relu"
     dropout: float = 0.2
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     schedule: str = "constant"  # or "cosine"
     seed: int = 0
+    validation: int = 0  # training images held out (class-balanced, from the seed) to choose checkpoints on
     # where and how it runs
     num_workers: int | None = None  # None: one per GPU; on CPUs 1 on your own machine, CPU_WORKERS on a cluster
     use_gpu: bool | None = None  # None: when the cluster has GPUs
@@ -75,14 +81,14 @@ class TrainConfig:
     verbose: bool = False
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout)
+        return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout, activation=self.activation)
 
 
 @dataclass
 class TrainResult:
     run_dir: str
-    best_checkpoint: str
-    best_accuracy: float
+    best_checkpoint: str  # what `--checkpoint RUN` means: the best by validation accuracy, else the last
+    best_accuracy: float  # its test accuracy
     history: list[dict]
     startup_seconds: float | None  # from train() to the first epoch's start; None if none ran
     use_gpu: bool  # whether it trained on GPUs
@@ -126,7 +132,7 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smooth
 
 @torch.no_grad()
 def _evaluate(model, images, labels, rank, world) -> tuple[float, float]:
-    """Global mean NLL and accuracy over the whole test set: per-rank sums, all-reduced."""
+    """Global mean NLL and accuracy over all of ``images`` (the test or validation set): per-rank sums, all-reduced."""
     model.eval()
     images, labels = images[rank::world], labels[rank::world]
     loss_sum, correct = 0.0, 0.0
@@ -195,6 +201,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     train_y = torch.tensor(ray.get(data["train_labels"])).to(device)
     test_x = normalize(torch.tensor(ray.get(data["test_images"])), model_config).to(device)
     test_y = torch.tensor(ray.get(data["test_labels"])).to(device)
+    if "val_images" in data:
+        val_x = normalize(torch.tensor(ray.get(data["val_images"])), model_config).to(device)
+        val_y = torch.tensor(ray.get(data["val_labels"])).to(device)
 
     for epoch in range(first_epoch, epochs + 1):
         # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted
@@ -217,6 +226,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             "train_seconds": train_seconds, "epoch_seconds": 0.0,
             "samples_per_second": len(train_y) / train_seconds,
         }
+        if "val_images" in data:
+            row["val_loss"], row["val_accuracy"] = _evaluate(bare_model, val_x, val_y, rank, world)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -260,6 +271,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         raise InputError(f"--resume: {run_dir.uri} is not a run directory (no {RUN_CONFIG_FILE})")
     try:
         saved = json.loads(run_dir.read_text(RUN_CONFIG_FILE))
+        saved = {**NEWER_RECIPE_DEFAULTS, **saved}
         recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
         recipe["hidden"] = tuple(recipe["hidden"])
         # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
@@ -360,13 +372,18 @@ def _run_trainer(trainer, outcome: dict) -> None:
         outcome["error"] = e
 
 
-def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Train per ``config``; returns where the run and its best checkpoint are."""
+def train(config: TrainConfig, console: Console | None = None, *, data: FashionMNIST | None = None,
+          callbacks: Sequence[ray.train.UserCallback] = ()) -> TrainResult:
+    """Train per ``config``; returns where the run and its best checkpoint are.
+
+    A search's trial passes the ``data`` its driver read, and ``callbacks`` that report to Ray Tune.
+    """
     console = console or Console()
     called_at = time.perf_counter()
     run_dir, config = _pick_run_dir(config)
     _check_batch_splits(config)  # with --num-workers given, before Ray starts
-    data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
+    if data is None:
+        data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
     started_ray = start_ray(config.verbose)
     try:
         config, why = _placed(config)
@@ -378,22 +395,27 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                            0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, console, called_at, why)
+        return _fit(config, run_dir, data, console, called_at, why, callbacks)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float,
-         why: str) -> TrainResult:
+def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console: Console, called_at: float,
+         why: str, callbacks: Sequence[ray.train.UserCallback]) -> TrainResult:
     """Run the trainer (``config`` placed, for the reason ``why``) while drawing its progress and
     writing the run's files."""
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+    arrays = {k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
+    if config.validation:
+        kept, held_out = validation_split(data.train_labels, config.validation, config.seed)
+        arrays.update(train_images=data.train_images[kept], train_labels=data.train_labels[kept],
+                      val_images=data.train_images[held_out], val_labels=data.train_labels[held_out])
     loop_config = {
-        "data": {k: ray.put(getattr(data, k)) for k in ("train_images", "train_labels", "test_images", "test_labels")},
+        "data": {k: ray.put(v) for k, v in arrays.items()},
         "model_config": config.model_config().to_dict(),
         "threads": config.cpus_per_worker, "progress": progress,
         **{k: getattr(config, k) for k in RECIPE_FIELDS},
@@ -408,10 +430,13 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=StoragePath.parse(config.storage_path).uri,
+            # Chosen on validation accuracy, never on the test set: without a validation split, the latest.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.keep, checkpoint_score_attribute="test_accuracy", checkpoint_score_order="max"
+                num_to_keep=config.keep, checkpoint_score_attribute="val_accuracy" if config.validation else None,
+                checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     cpus = config.cpus_per_worker
@@ -454,12 +479,16 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
                         f"--name {config.name}") from outcome["error"]
     if "error" in outcome:
         raise outcome["error"]
-    # The run's best as `--checkpoint RUN` will pick it (the later epoch on a tie), with its URI.
+    # The run's best as `--checkpoint RUN` will pick it, with its URI.
     best = best_checkpoint(run_dir)
-    best_accuracy = json.loads(best.read_text(METRICS_FILE))["test_accuracy"]
+    metrics = json.loads(best.read_text(METRICS_FILE))
+    if config.validation:
+        chosen = (f"best validation accuracy {100 * metrics['val_accuracy']:.2f}% at epoch {metrics['epoch']} "
+                  f"(test accuracy {100 * metrics['test_accuracy']:.2f}%)")
+    else:
+        chosen = f"test accuracy {100 * metrics['test_accuracy']:.2f}% at the last epoch ({metrics['epoch']})"
     console.print(
-        f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
-        f"best checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
+        f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.uri, best_accuracy, history, startup_seconds, config.use_gpu)
+    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], history, startup_seconds, config.use_gpu)

@@ -14,27 +14,37 @@ from rich.table import Table
 HISTORY_COLUMNS = (
     "epoch", "train_loss", "test_loss", "test_accuracy", "train_seconds", "epoch_seconds", "samples_per_second",
 )
+VALIDATION_COLUMNS = ("val_loss", "val_accuracy")  # a run with --validation has these too
+
+
+def _validated(history: list[dict]) -> bool:
+    return bool(history) and "val_accuracy" in history[0]
 
 
 def history_csv(history: list[dict]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = HISTORY_COLUMNS + VALIDATION_COLUMNS * _validated(history)
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue()
 
 
 def loss_curve_png(history: list[dict]) -> bytes:
-    """Train vs test loss, and test accuracy, per epoch."""
+    """Train vs test (and validation) loss, and test (and validation) accuracy, per epoch."""
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4), layout="tight")
     loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
     loss_ax.plot(epochs, [r["test_loss"] for r in history], marker="o", label="test")
+    if _validated(history):
+        loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
+        acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label="validation")
     loss_ax.set(title="Loss (NLL)", xlabel="epoch", ylabel="loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in history], marker="o", color="tab:green")
-    acc_ax.set(title="Test accuracy", xlabel="epoch", ylabel="%")
+    acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in history], marker="o", color="tab:green", label="test")
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="%")
+    acc_ax.legend()
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -75,13 +85,15 @@ class TrainingConsole:
 
     def epoch_done(self, row: dict) -> None:
         table = Table(box=None, show_header=not self.header_shown, pad_edge=False)
-        for name, width in (("epoch", 7), ("train loss", 10), ("test loss", 10), ("accuracy", 9),
-                            ("seconds", 8), ("samples/s", 10)):
+        columns = [("epoch", 7), ("train loss", 10), ("test loss", 10), ("accuracy", 9)]
+        cells = [f"{row['epoch']}/{self.epochs}", f"{row['train_loss']:.4f}", f"{row['test_loss']:.4f}",
+                 f"{100 * row['test_accuracy']:.2f}%"]
+        if "val_accuracy" in row:
+            columns.append(("val accuracy", 12))
+            cells.append(f"{100 * row['val_accuracy']:.2f}%")
+        for name, width in (*columns, ("seconds", 8), ("samples/s", 10)):
             table.add_column(name, justify="right", min_width=width)
-        table.add_row(
-            f"{row['epoch']}/{self.epochs}", f"{row['train_loss']:.4f}", f"{row['test_loss']:.4f}",
-            f"{100 * row['test_accuracy']:.2f}%", f"{row['epoch_seconds']:.1f}", f"{row['samples_per_second']:,.0f}",
-        )
+        table.add_row(*cells, f"{row['epoch_seconds']:.1f}", f"{row['samples_per_second']:,.0f}")
         self.header_shown = True
         self.progress.console.print(table)
         if self.task is not None:

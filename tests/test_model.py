@@ -37,3 +37,15 @@ def test_normalize_maps_pixels_to_minus_one_one():
     out = normalize(images, ModelConfig())
     assert out.shape == (1, 4)
     assert torch.allclose(out, torch.tensor([[-1.0, 1.0, -0.6, 0.6]]))
+
+
+def test_the_activation_is_an_option_and_old_configs_mean_relu():
+    x = torch.randn(4, 784)
+    outputs = {}
+    for activation in ("relu", "gelu", "silu", "leaky_relu"):
+        torch.manual_seed(0)
+        outputs[activation] = Classifier(ModelConfig(hidden=(8,), activation=activation)).eval()(x)
+    assert len({tuple(o.flatten().tolist()) for o in outputs.values()}) == 4  # same weights, four networks
+    old = ModelConfig().to_dict()
+    del old["activation"]  # a checkpoint saved before the option existed
+    assert ModelConfig.from_dict(old).activation == "relu"

@@ -150,6 +150,8 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
     (["--dropout", "1.5"], "--dropout"),
     (["--epochs", "0"], "--epochs"),
     (["--schedule", "linear"], "--schedule"),
+    (["--activation", "tanh"], "--activation"),
+    (["--validation", "30001"], "--validation"),
     (["--batch-size", "1", "--num-workers", "2"], "--batch-size 1 is smaller than --num-workers 2"),
     (["--lr", "inf"], "--lr"),
     (["--seed", "-1"], "--seed"),

@@ -1,0 +1,422 @@
+"""Hyperparameter search on Ray Tune: every trial is a Ray Train run of the same training loop.
+
+Each trial is a function trainable that calls ``training.train`` (which builds and fits a
+``TorchTrainer``) on a recipe drawn from the search space, holding out the same validation
+images; ``TuneReportCallback`` forwards each epoch's figures to Tune, and ASHA stops trials whose
+validation accuracy falls behind. Trials are chosen on validation accuracy alone; the test set
+is only for reported figures, and ``--confirm`` retrains the best recipe on the whole training set.
+
+The search directory ``<storage-path>/<name>/`` holds Tune's experiment state (its per-trial
+``tune_<id>`` directories), each trial's run directory ``trial_<id>`` (history, checkpoints:
+``fmnist score --checkpoint`` takes it), ``search_config.json``, ``leaderboard.csv`` and
+``best_config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+
+import ray
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from rich.console import Console
+
+from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
+from fmnist.data import FashionMNIST, load_fashion_mnist
+from fmnist.errors import InputError, JobFailed
+from fmnist.search_space import load_space, recipe, tune_space
+from fmnist.storage import StoragePath
+from fmnist.training import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, train
+from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
+
+SEARCH_CONFIG_FILE = "search_config.json"
+REDUCTION_FACTOR = 3  # ASHA keeps the best third at each rung
+LEADERBOARD_SHOWN = 10
+TRIAL_MEMORY = 512 * 1024**2  # bytes: a trial's own process, which holds the data set while its run starts
+# What a search keeps on --resume: everything that decides which trials it runs and how.
+SEARCH_FIELDS = ("trials", "max_epochs", "grace_period", "space", "architecture", "search", "workers_per_trial",
+                 "cpus_per_worker", "seed", "validation", "max_failures")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    trials: int = 20
+    max_epochs: int = DEFAULT_EPOCHS  # ASHA's budget: each trial's --epochs
+    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
+    space: str | None = None  # a space file; None: fmnist/search_space.json
+    architecture: tuple[int, ...] | None = None  # fix the network, search the recipe only
+    search: str = "random"  # or "optuna"
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    concurrency: int | None = None  # None: as many trials as the cluster holds at once
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    storage_path: str = "./runs"
+    name: str | None = None
+    seed: int = 0  # the validation split, and every trial's seed
+    validation: int = 5000
+    resume: bool = False
+    confirm: int = 0  # seeds to retrain the best recipe with on the full training set
+    data_dir: str | None = None
+    max_failures: int = 3  # worker failures each trial recovers from, from its last checkpoint
+    resource_timeout_s: float = 60.0
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares, as its trainable receives it."""
+
+    search_dir: str
+    max_epochs: int
+    validation: int
+    seed: int
+    workers_per_trial: int
+    cpus_per_worker: int
+    use_gpu: bool
+    architecture: tuple[int, ...] | None
+    max_failures: int
+
+
+@dataclass
+class SearchResult:
+    search_dir: str
+    rows: list[TrialRow]  # ranked, best first
+    best: TrialRow | None
+    train_command: str | None  # the `fmnist train` command reproducing the best trial
+    confirmed: list[float] | None  # --confirm: the final test accuracy of each seed
+
+
+# ----------------------------------------------------------------------------- a trial
+
+
+def train_arguments(trial_recipe: dict, settings: TrialSettings) -> list[str]:
+    """The ``fmnist train`` options that train ``trial_recipe`` as the search's trials do."""
+    args = []
+    for key, value in trial_recipe.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        args += ["--" + key.replace("_", "-"), text]
+    return [*args, "--epochs", str(settings.max_epochs), "--validation", str(settings.validation),
+            "--seed", str(settings.seed), "--num-workers", str(settings.workers_per_trial)]
+
+
+def trial_config(trial_recipe: dict, settings: TrialSettings, name: str) -> TrainConfig:
+    """The trial's TrainConfig, read by ``fmnist train``'s own parser: an impossible recipe is refused
+    as the command line would refuse it, and the reproducing command means the same run."""
+    from fmnist.cli import _train_config, build_parser
+
+    args = ["train", *train_arguments(trial_recipe, settings), "--storage-path", settings.search_dir,
+            "--name", name, "--cpus-per-worker", str(settings.cpus_per_worker),
+            "--max-failures", str(settings.max_failures), "--use-gpu" if settings.use_gpu else "--no-gpu"]
+    return _train_config(build_parser().parse_args(args))
+
+
+class _ReportToTune(TuneReportCallback):
+    """TuneReportCallback, once the epoch is in the trial's history.csv: Tune may stop the trial on
+    any report, and the trial's run directory should hold every epoch it reached."""
+
+    def __init__(self, run_dir: StoragePath):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def after_report(self, run_context, metrics, checkpoint):
+        deadline = time.monotonic() + 30
+        while _epochs_in_history(self.run_dir) < metrics[0]["epoch"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> None:
+    """The trainable: one Ray Train run, named after the trial so that a restored search continues it."""
+    name = f"trial_{ray.tune.get_context().get_trial_id()}"
+    config = trial_config(recipe(sample, settings.architecture), settings, name)
+    run_dir = StoragePath.parse(settings.search_dir).child(name)
+    config = replace(config, resume=run_dir.child(RUN_CONFIG_FILE).exists())
+    train(config, Console(quiet=True), data=data, callbacks=[_ReportToTune(run_dir)])
+
+
+def _tune_dirname(trial) -> str:
+    return f"tune_{trial.trial_id}"
+
+
+class _FreeStoppedRuns(ray.tune.Callback):
+    """Removes the placement groups (the reserved CPUs/GPUs) of Ray Train runs whose controller is gone.
+
+    When Tune stops a trial (ASHA, or the end of its budget) it ends the trial's process, and the
+    Ray Train controller it started goes with it, before the controller removes its workers'
+    placement group. Ray Train leaves that to a watcher that asks the dashboard's state API, which
+    fails where there is no dashboard or more than one Ray instance on the machine; the group then
+    holds its resources until the search ends, and the next trials wait for them forever. GCS
+    records which groups' creator actor is dead: those are removed here, once a second.
+    """
+
+    def __init__(self):
+        self.last = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.monotonic() - self.last < 1:
+            return
+        self.last = time.monotonic()
+        from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for entry in state._connect_and_get_accessor().get_placement_group_table():
+            group = PlacementGroupTableData.FromString(entry)
+            made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
+            if (made_by_an_actor and group.creator_actor_dead and not group.is_detached
+                    and group.state == PlacementGroupTableData.CREATED):
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+
+
+# ----------------------------------------------------------------------------- reading trials back
+
+
+def _history(run_dir: StoragePath) -> list[dict]:
+    if not run_dir.child("history.csv").exists():
+        return []
+    return list(csv.DictReader(io.StringIO(run_dir.read_text("history.csv"))))
+
+
+def _epochs_in_history(run_dir: StoragePath) -> int:
+    try:
+        return len(_history(run_dir))
+    except OSError:
+        return 0
+
+
+def _error_line(error: BaseException | None) -> str:
+    """The cause of a trial's failure in one line: the last line of its error, without the exception's name."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return re.sub(r"^[\w.]*(Error|Exception|Failed): ", "", line)[:300]
+
+
+def trial_rows(trials, search_dir: StoragePath, settings: TrialSettings) -> list[TrialRow]:
+    """Each trial as its own run directory records it, and how it ended, best first."""
+    rows = []
+    for trial in trials:
+        run_dir = search_dir.child(f"trial_{trial.trial_id}")
+        history = _history(run_dir)
+        row = TrialRow(trial.trial_id, recipe(trial.config, settings.architecture), epochs=len(history),
+                       run_dir=run_dir.uri if history else "")
+        if history:
+            best = max(history, key=lambda r: (float(r["val_accuracy"]), int(r["epoch"])))
+            row.val_accuracy, row.best_epoch = float(best["val_accuracy"]), int(best["epoch"])
+        if trial.status == "ERROR":
+            row.status, row.error = "failed", _error_line(trial.get_error())
+        elif trial.status == "TERMINATED":
+            row.status = "finished" if row.epochs >= settings.max_epochs else "stopped early"
+        else:
+            row.status = "pending"  # interrupted, or not started: a --resume runs it
+        rows.append(row)
+    return ranked(rows)
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def _pick_search_dir(config: SearchConfig) -> tuple[StoragePath, SearchConfig]:
+    storage = StoragePath.parse(config.storage_path)
+    if storage.is_file():
+        raise InputError(f"--storage-path {storage.uri} is a file; pass a directory (it is made if missing)")
+    if config.resume and config.name is None:
+        raise InputError("--resume needs --name: the search to continue")
+    name = config.name or datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+    if "/" in name or name in ("", ".", "..") or not name.isascii() or not name.isprintable():
+        raise InputError(f"--name {name!r} must be a plain directory name in ASCII letters, digits and punctuation")
+    search_dir = storage.child(name)
+    if not config.resume:
+        if search_dir.exists():
+            raise InputError(f"search directory {search_dir.uri} exists; pass --resume to continue it, "
+                             "or another --name")
+        return search_dir, replace(config, name=name)
+    if not search_dir.child(SEARCH_CONFIG_FILE).exists():
+        raise InputError(f"--resume: {search_dir.uri} is not a search directory (no {SEARCH_CONFIG_FILE})")
+    try:
+        saved = json.loads(search_dir.read_text(SEARCH_CONFIG_FILE))
+        kept = {k: saved[k] for k in SEARCH_FIELDS}
+        kept["architecture"] = tuple(kept["architecture"]) if kept["architecture"] else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--resume: {search_dir.uri}/{SEARCH_CONFIG_FILE} is damaged ({type(e).__name__}: {e})") \
+            from None
+    return search_dir, replace(config, name=name, **kept)
+
+
+def check_search(config: SearchConfig) -> tuple[StoragePath, SearchConfig, dict]:
+    """Everything about the search's input that can be checked before Ray starts; the search
+    directory, the config to run with (a resumed search's own), and its space."""
+    if config.max_epochs < config.grace_period:
+        raise InputError(f"--max-epochs {config.max_epochs} is below ASHA's grace period of "
+                         f"{config.grace_period} epochs; pass more --max-epochs or a smaller --grace-period")
+    if config.validation < 1:
+        raise InputError("--validation must hold out some images: a search chooses on validation figures only")
+    if config.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise InputError("--search optuna needs Optuna: pip install 'fmnist[optuna]'") from None
+    if config.workers_per_trial > 200:  # the global batch is split across the workers (batch sizes >= 100)
+        raise InputError("--workers-per-trial must be at most 200")
+    search_dir, config = _pick_search_dir(config)
+    if config.resume:
+        space = json.loads(search_dir.read_text(SEARCH_CONFIG_FILE)).get("space_file", {})
+        return search_dir, config, space
+    space = load_space(config.space, config.architecture)
+    return search_dir, config, space
+
+
+def _placed(config: SearchConfig, console: Console) -> tuple[bool, int]:
+    """GPUs or not, and how many trials run at once."""
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    bundle = {"CPU": config.cpus_per_worker, "GPU": int(use_gpu)}
+    remedy = "ask for fewer (--workers-per-trial, --cpus-per-worker)" + (" or --no-gpu" if use_gpu else "")
+    wait_for_resources(bundle, config.workers_per_trial, f"a trial of {config.workers_per_trial} worker(s)", remedy,
+                       0 if is_embedded() else config.resource_timeout_s, console)
+    holds = max(1, room_for({k: v for k, v in bundle.items() if v}) // config.workers_per_trial)
+    return use_gpu, min(config.concurrency or holds, config.trials)
+
+
+def run_search(config: SearchConfig, console: Console | None = None) -> SearchResult:
+    """Run (or, with ``resume``, continue) the search of ``config``; write its leaderboard and best recipe."""
+    console = console or Console()
+    search_dir, config, space = check_search(config)
+    data = load_fashion_mnist(config.data_dir)  # validated before Ray starts
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables or banners: the view is ours
+    if not config.verbose:
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials: the view and leaderboard say why
+    # Ray's processes inherit an ignored SIGINT: a Ctrl-C in the terminal then reaches only this
+    # process, where Tune stops the search and saves it, instead of ending the trials' own processes
+    # (Tune would take a trial ended that way for finished, and never resume it).
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be set
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main_thread else None
+    try:
+        started_ray = start_ray(config.verbose)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        use_gpu, concurrency = _placed(config, console)
+        settings = TrialSettings(search_dir.uri, config.max_epochs, config.validation, config.seed,
+                                 config.workers_per_trial, config.cpus_per_worker, use_gpu, config.architecture,
+                                 config.max_failures)
+        if not config.resume:
+            search_dir.write(SEARCH_CONFIG_FILE, json.dumps({**asdict(config), "space_file": space}, indent=2).encode())
+        trials = _fit(config, settings, space, search_dir, concurrency, data, console)
+        rows = trial_rows(trials, search_dir, settings)
+        search_dir.write("leaderboard.csv", leaderboard_csv(rows).encode())
+        interrupted = len(trials) < config.trials or any(r.status == "pending" for r in rows)
+        if interrupted:
+            console.print(f"[yellow]Interrupted.[/] Continue with: fmnist tune --resume "
+                          f"--storage-path {config.storage_path} --name {config.name}", soft_wrap=True)
+            raise KeyboardInterrupt
+        return _report(config, settings, rows, search_dir, console)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir: StoragePath, concurrency: int,
+         data: FashionMNIST, console: Console) -> list:
+    """Run the Tuner with the live view; returns Tune's trials as the search ends."""
+    trainable = ray.tune.with_resources(
+        # The trial itself only drives its Ray Train run, whose workers hold the CPUs/GPUs; it
+        # reserves memory alone (Tune needs it to reserve something), for the data it hands on.
+        ray.tune.with_parameters(_run_trial, data=data, settings=settings), {"cpu": 0, "memory": TRIAL_MEMORY})
+    verb = "Resuming" if config.resume else "Searching"
+    console.print(f"[bold]{verb}[/] {search_dir.uri}: {config.trials} trials of up to {config.max_epochs} epochs, "
+                  f"{concurrency} at a time, {config.workers_per_trial} worker(s) each "
+                  f"({'GPU' if settings.use_gpu else 'CPU'}), {config.search} search, ASHA on validation accuracy "
+                  f"({config.validation:,} held-out images)", soft_wrap=True)
+    with SearchView(console, config.max_epochs, config.trials, lambda s: recipe(s, config.architecture)) as view:
+        if config.resume:
+            if not ray.tune.Tuner.can_restore(search_dir.uri):
+                raise InputError(f"--resume: {search_dir.uri} holds no Tune experiment state to resume")
+            tuner = ray.tune.Tuner.restore(search_dir.uri, trainable, resume_unfinished=True)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=tune_space(space),
+                tune_config=ray.tune.TuneConfig(
+                    metric="val_accuracy", mode="max", num_samples=config.trials,
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=config.max_epochs,
+                                            grace_period=config.grace_period, reduction_factor=REDUCTION_FACTOR),
+                    search_alg=_searcher(config, concurrency), max_concurrent_trials=concurrency,
+                    trial_dirname_creator=_tune_dirname,
+                ),
+                run_config=ray.tune.RunConfig(
+                    name=config.name, storage_path=StoragePath.parse(config.storage_path).uri,
+                    callbacks=[view, _FreeStoppedRuns()], verbose=0,
+                    failure_config=ray.tune.FailureConfig(max_failures=0),  # a failing trial fails alone
+                ),
+            )
+        tuner.fit()
+        return view.ended_trials
+
+
+def _searcher(config: SearchConfig, concurrency: int):
+    if config.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=config.seed)  # Tune limits its concurrency to max_concurrent_trials
+    return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency)  # which ignores that
+
+
+def _report(config: SearchConfig, settings: TrialSettings, rows: list[TrialRow], search_dir: StoragePath,
+            console: Console) -> SearchResult:
+    """The leaderboard, the best recipe as a command, and (--confirm) its test accuracy over seeds."""
+    console.print(trials_table(rows[:LEADERBOARD_SHOWN], config.max_epochs,
+                               title=f"Top {min(LEADERBOARD_SHOWN, len(rows))} of {len(rows)} trials "
+                                     "by validation accuracy"))
+    best = rows[0] if rows and rows[0].val_accuracy is not None else None
+    if best is None:
+        search_dir.write("best_config.json", json.dumps({"best": None, "reason": "every trial failed"}).encode())
+        raise JobFailed(f"every trial failed; {search_dir.uri}/leaderboard.csv says why, one line each")
+    command = "fmnist train " + shlex.join(train_arguments(best.recipe, settings))
+    summary = {"trial": best.trial, "run_dir": best.run_dir, "val_accuracy": best.val_accuracy,
+               "best_epoch": best.best_epoch, "epochs": best.epochs, "status": best.status,
+               "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in best.recipe.items()},
+               "train_command": command}
+    console.print(f"[bold green]Best[/] {best.trial}: {100 * best.val_accuracy:.2f}% validation accuracy at epoch "
+                  f"{best.best_epoch} ({recipe_text(best.recipe)})\nreproduce it with:\n  {command}\n"
+                  f"leaderboard: {search_dir.uri}/leaderboard.csv", soft_wrap=True)
+    confirmed = None
+    if config.confirm:
+        confirmed = _confirm(config, settings, best, search_dir, console)
+        summary["confirmed"] = {"seeds": list(range(config.seed, config.seed + config.confirm)),
+                                "test_accuracy": confirmed, "mean": statistics.mean(confirmed),
+                                "sd": statistics.stdev(confirmed) if len(confirmed) > 1 else 0.0}
+    search_dir.write("best_config.json", json.dumps(summary, indent=2).encode())
+    return SearchResult(search_dir.uri, rows, best, command, confirmed)
+
+
+def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, search_dir: StoragePath,
+             console: Console) -> list[float]:
+    """Retrain the best recipe on the whole training set (no validation split) with --confirm seeds;
+    the final epoch's test accuracy of each: the honest figure of the recipe."""
+    from fmnist.cli import _train_config, build_parser
+
+    console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
+    accuracies = []
+    for seed in range(config.seed, config.seed + config.confirm):
+        args = [*train_arguments(best.recipe, replace(settings, seed=seed, validation=0)), "--storage-path", search_dir.uri, "--name", f"confirm_seed{seed}",
+                "--cpus-per-worker", str(settings.cpus_per_worker), "--use-gpu" if settings.use_gpu else "--no-gpu"]
+        result = train(_train_config(build_parser().parse_args(["train", *args])), console)
+        accuracies.append(result.history[-1]["test_accuracy"])
+    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    console.print(f"[bold green]Confirmed:[/] test accuracy {100 * statistics.mean(accuracies):.2f}% "
+                  f"± {100 * sd:.2f} (mean ± sd of {len(accuracies)} seed(s), final epoch, full training set)")
+    return accuracies

@@ -1,0 +1,169 @@
+"""fmnist tune: real searches (tiny networks, real data, real Ray Tune and Ray Train), their files,
+interruption and resumption, a failing trial, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fmnist.cli import main
+
+from conftest import REPO, one_error_line
+
+TINY_SPACE = {"depth": 1, "width": {"choice": [16, 32]}, "lr": {"loguniform": [1e-5, 0.005]}}
+SEARCH = ["--max-epochs", "3", "--grace-period", "1", "--workers-per-trial", "1", "--concurrency", "2",
+          "--validation", "1000", "--no-gpu"]
+
+
+def tune(*args: str, interrupt_when=None) -> tuple[int, str]:
+    """``workflows/tune.py`` in its own process (its own embedded Ray, as a user runs it); with
+    ``interrupt_when``, a Ctrl-C as soon as that returns True. Its exit status and output."""
+    # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit that.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "tune.py"), *args], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupt_when is not None:
+        deadline = time.monotonic() + 300
+        while not interrupt_when():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        interrupted_at = time.monotonic()
+        output, _ = proc.communicate(timeout=120)
+        assert time.monotonic() - interrupted_at < 45, f"Ctrl-C took too long to stop the search:\n{output}"
+        return proc.returncode, output
+    output, _ = proc.communicate(timeout=900)
+    return proc.returncode, output
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_space(path, space: dict):
+    path.write_text(json.dumps(space))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def search(real_data_dir, tmp_path_factory):
+    """A small real search: 4 trials of tiny networks, 3 epochs, 1 worker each, 2 at a time."""
+    storage = tmp_path_factory.mktemp("searches")
+    space = write_space(storage / "space.json", TINY_SPACE)
+    code, output = tune("--trials", "4", *SEARCH, "--space", space, "--seed", "1", "--storage-path", str(storage),
+                        "--name", "s", "--data-dir", str(real_data_dir))
+    assert code == 0, output
+    return storage / "s", output
+
+
+def test_a_search_finishes_stops_poor_trials_early_and_ranks_on_the_trials_own_histories(search):
+    search_dir, output = search
+    board = read_csv(search_dir / "leaderboard.csv")
+    assert len(board) == 4
+    assert {row["status"] for row in board} <= {"finished", "stopped early"}
+    assert any(row["status"] == "stopped early" for row in board), board  # ASHA stopped one
+    for row in board:
+        history = read_csv(search_dir / f"trial_{row['trial']}" / "history.csv")
+        assert int(row["epochs"]) == len(history) and row["run_dir"] == str(search_dir / f"trial_{row['trial']}")
+        assert (row["status"] == "finished") == (len(history) == 3)
+        best = max(history, key=lambda r: (float(r["val_accuracy"]), int(r["epoch"])))
+        assert float(row["val_accuracy"]) == pytest.approx(float(best["val_accuracy"]), abs=1e-4)
+        assert int(row["best_epoch"]) == int(best["epoch"])
+    assert [float(r["val_accuracy"]) for r in board] == sorted((float(r["val_accuracy"]) for r in board),
+                                                               reverse=True)
+    best = json.loads((search_dir / "best_config.json").read_text())
+    assert best["trial"] == board[0]["trial"] and best["val_accuracy"] == pytest.approx(float(board[0]["val_accuracy"]),
+                                                                                        abs=1e-4)
+    assert best["train_command"] in output.replace("\n  ", " ")  # printed as it is saved
+    assert "Top 4 of 4 trials" in output and "reproduce it with" in output
+    for tune_state in ("tuner.pkl", "search_config.json"):
+        assert (search_dir / tune_state).exists()
+
+
+def test_the_printed_train_command_reproduces_the_best_trial_and_score_takes_a_trial_run(
+        search, ray_session, real_data_dir, tmp_path):
+    search_dir, _ = search
+    best = json.loads((search_dir / "best_config.json").read_text())
+    command = shlex.split(best["train_command"])
+    assert command[:2] == ["fmnist", "train"]
+    assert main([*command[1:], "--storage-path", str(tmp_path), "--name", "again", "--cpus-per-worker", "1",
+                 "--data-dir", str(real_data_dir)]) == 0
+    trial = read_csv(search_dir / f"trial_{best['trial']}" / "history.csv")
+    again = read_csv(tmp_path / "again" / "history.csv")
+    assert len(again) == 3
+    for got, want in zip(again, trial):  # a trial ASHA stopped reproduces up to where it stopped
+        for key in ("train_loss", "val_loss", "val_accuracy", "test_accuracy"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5), (got["epoch"], key)
+
+    assert main(["score", "--checkpoint", best["run_dir"], "--output", str(tmp_path / "p"),
+                 "--data-dir", str(real_data_dir)]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "p").num_rows == 10_000
+
+
+def test_ctrl_c_then_resume_finishes_the_search_and_a_trial_with_an_impossible_recipe_fails_alone(
+        real_data_dir, tmp_path):
+    # Dropout 1.5 cannot be trained: such trials fail (as `fmnist train --dropout 1.5` would refuse
+    # it), the others go on. Seed 2 draws 1.5, 0.1, 0.1.
+    space = write_space(tmp_path / "space.json", {"depth": 1, "width": 16, "dropout": {"choice": [0.1, 1.5]}})
+    options = ["--trials", "3", "--max-epochs", "1", "--grace-period", "1", "--concurrency", "1", "--validation",
+               "1000", "--seed", "2", "--space", space, "--storage-path", str(tmp_path), "--name", "cut",
+               "--data-dir", str(real_data_dir)]
+    search_dir = tmp_path / "cut"
+
+    def a_trial_done() -> bool:
+        return any(len(read_csv(h)) == 1 for h in search_dir.glob("trial_*/history.csv"))
+
+    code, output = tune(*options, interrupt_when=a_trial_done)
+    assert code == 130, output
+    assert f"fmnist tune --resume --storage-path {tmp_path} --name cut" in output
+    done = {h: h.stat().st_mtime_ns for h in search_dir.glob("trial_*/history.csv") if len(read_csv(h)) == 1}
+
+    code, output = tune("--resume", "--storage-path", str(tmp_path), "--name", "cut",
+                        "--data-dir", str(real_data_dir))
+    assert code == 0, output
+    board = read_csv(search_dir / "leaderboard.csv")
+    assert len(board) == 3
+    assert {h: h.stat().st_mtime_ns for h in done} == done  # not trained again
+    failed = [row for row in board if row["status"] == "failed"]
+    assert failed and len(failed) < len(board), board
+    for row in failed:
+        assert row["dropout"] == "1.5" and "--dropout" in row["error"] and row["epochs"] == "0"
+    assert all(row["status"] == "finished" and row["dropout"] == "0.1" for row in board if row not in failed)
+
+
+@pytest.mark.parametrize("space, options, message", [
+    (None, ["--space", "/nonexistent/space.json"], "cannot read it"),
+    ("{not json", [], "is not JSON"),
+    (json.dumps({"learning_rate": {"choice": [0.1]}}), [], "unknown option 'learning_rate'"),
+    (json.dumps({"lr": {"normal": [0, 1]}}), [], "lr must be a float or one of"),
+    (json.dumps({"lr": {"loguniform": [0, 0.1]}}), [], "loguniform needs [low, high]"),
+    (json.dumps({"activation": {"choice": []}}), [], "choice needs a non-empty list"),
+    (json.dumps({"lr": 0.001, "dropout": {"choice": [0.2]}}), [], "has nothing to search"),
+    (json.dumps({"depth": {"int": [1, 3]}}), ["--architecture", "256,128,64"], "nothing to search (with the network"),
+    (None, ["--trials", "0"], "--trials"),
+    (None, ["--max-epochs", "1", "--grace-period", "2"], "below ASHA's grace period"),
+    (None, ["--validation", "0"], "--validation"),
+    (None, ["--resume", "--name", "nothing"], "not a search directory"),
+])
+def test_bad_input_is_one_error_line_and_makes_nothing(tmp_path, capsys, space, options, message):
+    storage = tmp_path / "searches"
+    if space is not None:
+        (tmp_path / "space.json").write_text(space)
+        options = ["--space", str(tmp_path / "space.json"), *options]
+    assert main(["tune", "--storage-path", str(storage), *options]) == 2
+    assert message in one_error_line(capsys)
+    assert not storage.exists()  # refused before anything was made
