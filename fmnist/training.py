@@ -34,6 +34,7 @@ from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resourc
 from fmnist.data import load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
@@ -70,6 +71,7 @@ class TrainConfig:
     max_failures: int = 3
     resource_timeout_s: float = 60.0
     verbose: bool = False
+    mlflow: str | None = None  # an MLflow tracking URI to log to; "" for MLflow's default
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout)
@@ -339,6 +341,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train per ``config``; returns where the run and its best checkpoint are."""
     console = console or Console()
     called_at = time.perf_counter()
+    check_mlflow(config.mlflow)
     run_dir, config = _pick_run_dir(config)
     _check_batch_splits(config)  # with --num-workers given, before Ray starts
     data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
@@ -353,13 +356,17 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                            0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, console, called_at)
+        recipe = {k: getattr(config, k) for k in RECIPE_FIELDS}
+        lr = lambda epoch: learning_rate(config.lr, config.schedule, epoch, config.epochs)  # noqa: E731
+        with TrainingTracker(run_dir, config.name, recipe, lr, config.mlflow) as tracker:
+            return _fit(config, run_dir, data, console, called_at, tracker)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float) -> TrainResult:
+def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, called_at: float,
+         tracker: TrainingTracker) -> TrainResult:
     """Run the trainer (``config`` placed) while drawing its progress and writing the run's files."""
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
@@ -414,6 +421,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
                         startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
                     view.epoch_done(row)
                     run_dir.write("history.csv", history_csv(history).encode())
+                    tracker.epochs(history)
         finally:
             progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
             # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
@@ -429,6 +437,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data, console: Console, call
     # The run's best as `--checkpoint RUN` will pick it (the later epoch on a tie), with its URI.
     best = best_checkpoint(run_dir)
     best_accuracy = json.loads(best.read_text(METRICS_FILE))["test_accuracy"]
+    tracker.finish(best)
     console.print(
         f"[bold green]Done.[/] best test accuracy {100 * best_accuracy:.2f}%\n"
         f"best checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
