@@ -28,7 +28,7 @@ PAIRS, PER_PAIR = 4, 8  # rows of the grid (class pairs), and mistakes shown per
 SCALE = 4  # each 28x28 image is shown as 112x112 pixels
 TILE = 28 * SCALE
 DPI = 100
-MARGIN, GAP, TITLE, HEADING, CAPTION = 20, 18, 44, 28, 40  # pixels
+MARGIN, GAP, TITLE, HEADING, CAPTION = 20, 28, 64, 28, 40  # pixels
 COLUMNS = ("id", "path", "label", "prediction", "confidence")
 
 
@@ -126,6 +126,8 @@ def mistakes_png(evaluation: Evaluation, rows: list[MistakeRow]) -> bytes:
     wrong = evaluation.n - evaluation.correct
     text(MARGIN, 12, f"Most confident mistakes: {wrong:,} of {evaluation.n:,} images wrong "
                      f"(accuracy {evaluation.accuracy:.2%})", fontsize=13, weight="bold")
+    text(MARGIN, 38, "Under each image: its true class → the class predicted (the model's confidence)", fontsize=10,
+         color="#555555")
     if not rows:
         text(MARGIN, TITLE + 10, "No mistakes: every labelled image is classified right.", fontsize=12)
     for r, row in enumerate(rows):
@@ -141,7 +143,7 @@ def mistakes_png(evaluation: Evaluation, rows: list[MistakeRow]) -> bytes:
             fig.figimage(np.repeat(tile[:, :, None], 3, axis=2), xo=x, yo=height - (top + HEADING + TILE),
                          origin="upper")
             text(x + TILE / 2, top + HEADING + TILE + 4,
-                 f"{names[mistake.label]} →\n{names[mistake.prediction]} ({mistake.confidence:.0%})",
+                 f"{names[mistake.label]} →\n{names[mistake.prediction]} ({mistake.confidence:.1%})",
                  fontsize=9, ha="center", linespacing=1.2)
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=DPI)

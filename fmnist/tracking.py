@@ -15,7 +15,6 @@ that a resume and the pipeline's evaluation log into the same MLflow run.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -48,8 +47,12 @@ def scalar_tag(key: str) -> str:
 
 def check_mlflow(tracking_uri: str | None) -> None:
     """Refuse --mlflow where MLflow is not installed (before Ray starts)."""
-    if tracking_uri is not None and importlib.util.find_spec("mlflow") is None:
-        raise InputError(MLFLOW_MISSING)
+    if tracking_uri is None:
+        return
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise InputError(MLFLOW_MISSING) from None
 
 
 def _hparam(value):
@@ -63,17 +66,22 @@ class _EventFiles:
     """One TensorBoard event file of a run directory, written locally and uploaded when it is not."""
 
     def __init__(self, run_dir: StoragePath):
-        from tensorboardX import FileWriter
+        # tensorboardX's writer of the file itself, synchronous: its SummaryWriter queues events
+        # to a thread, and a flush would not wait for them.
+        from tensorboardX.event_file_writer import EventsWriter
 
         self.run_dir = run_dir
         local = isinstance(run_dir.fs, pafs.LocalFileSystem)
         self.local_dir = run_dir.path if local else tempfile.mkdtemp(prefix="fmnist-tensorboard-")
+        os.makedirs(self.local_dir, exist_ok=True)
         # A suffix of our own: tensorboardX names files by the second, and a resume or the
         # pipeline's evaluation may open another one within it.
-        self.writer = FileWriter(self.local_dir, flush_secs=3600, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        self.writer = EventsWriter(os.path.join(self.local_dir, "events"), f".{os.getpid()}.{time.time_ns()}")
 
     def add(self, summary, step: int) -> None:
-        self.writer.add_summary(summary, global_step=step)
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.writer.write_event(Event(summary=summary, step=step, wall_time=time.time()))
 
     def flush(self) -> None:
         self.writer.flush()
