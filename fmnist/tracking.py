@@ -112,8 +112,8 @@ class _MlflowRun:
     def __init__(self, run_dir: StoragePath, tracking_uri: str, name: str):
         from mlflow.tracking import MlflowClient
 
-        for name in ("mlflow", "alembic"):  # their INFO lines (creating a database, ...) are not ours to show
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for logger in ("mlflow", "alembic"):  # their INFO lines (creating a database, ...) are not ours to show
+            logging.getLogger(logger).setLevel(logging.WARNING)
         tracking_uri = tracking_uri or _default_tracking_uri()
         self.client = MlflowClient(tracking_uri)
         saved = _saved_mlflow_run(run_dir)

@@ -75,3 +75,13 @@ def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
             if value.metadata.plugin_data.plugin_name == "scalars":  # the loader gives scalars as tensors
                 scalars.setdefault(value.tag, []).append((event.step, make_ndarray(value.tensor).item()))
     return scalars
+
+
+def tensorboard_images(run_dir) -> dict[str, tuple[int, bytes]]:
+    """The images of a run's event files: tag -> (step, PNG bytes), the last of each tag."""
+    images = {}
+    for event in tensorboard_events(run_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "images":  # a tensor of width, height, encoded image
+                images[value.tag] = (event.step, value.tensor.string_val[2])
+    return images
