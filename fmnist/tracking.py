@@ -110,11 +110,20 @@ class _MlflowRun:
     """The MLflow run a run directory logs into, through MLflow's client (no global active run)."""
 
     def __init__(self, run_dir: StoragePath, tracking_uri: str, name: str):
-        from mlflow.tracking import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         for logger in ("mlflow", "alembic"):  # their INFO lines (creating a database, ...) are not ours to show
             logging.getLogger(logger).setLevel(logging.WARNING)
         tracking_uri = tracking_uri or _default_tracking_uri()
+        try:
+            self._open(run_dir, tracking_uri, name)
+        except MlflowException as e:  # an unknown scheme, a server that is not there, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"--mlflow {tracking_uri}: {first[:300]}") from None
+
+    def _open(self, run_dir: StoragePath, tracking_uri: str, name: str) -> None:
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri)
         saved = _saved_mlflow_run(run_dir)
         self.resumed = saved.get("tracking_uri") == tracking_uri and self._exists(saved.get("run_id"))

@@ -10,6 +10,7 @@ import sys
 
 import pyarrow.fs as pafs
 import pytest
+from mlflow.tracking import MlflowClient
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fmnist.storage import StoragePath
@@ -54,14 +55,15 @@ def _row(epoch: int) -> dict:
             "val_loss": 1.4 / epoch, "val_accuracy": 0.4 + epoch / 100, "samples_per_second": 1000.0 * epoch}
 
 
-def test_event_files_reach_a_remote_run_directory_after_every_epoch_and_each_epoch_once(tmp_path):
+def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(tmp_path):
     # A filesystem that is not the local one, as object storage is: files go up whole after each epoch.
     remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     run_dir = StoragePath(remote, "runs/r", "mem://bucket/runs/r")
     seen = tmp_path / "bucket" / "runs" / "r"
     recipe = {"epochs": 3, "lr": 0.01, "hidden": (32, 16), "schedule": "cosine"}
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    with TrainingTracker(run_dir, "r", recipe, learning_rate=lambda epoch: 0.01 / epoch) as tracker:
+    with TrainingTracker(run_dir, "r", recipe, lambda epoch: 0.01 / epoch, tracking_uri) as tracker:
         tracker.epochs([_row(1)])
         assert tensorboard_scalars(seen)["accuracy/test"] == [(1, pytest.approx(0.51))]
         # After a worker restart the history may come again, with an epoch the driver never saw.
@@ -78,10 +80,19 @@ def test_event_files_reach_a_remote_run_directory_after_every_epoch_and_each_epo
         "loss/train", "loss/test", "loss/val", "accuracy/test", "accuracy/val"}
 
     # A resumed run starts a new event file; what it logs follows on.
-    with TrainingTracker(run_dir, "r", recipe, learning_rate=lambda epoch: 0.01) as tracker:
+    with TrainingTracker(run_dir, "r", recipe, lambda epoch: 0.01, tracking_uri) as tracker:
         tracker.epochs([_row(1), _row(2), _row(3), _row(4)])
     assert len(list(seen.glob("events.out.tfevents.*"))) == 2
     assert [step for step, _ in tensorboard_scalars(seen)["loss/test"]] == [1, 2, 3, 4]
+
+    # MLflow: one run for both (re)starts, every epoch once, the recipe as params.
+    client = MlflowClient(tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("fmnist").experiment_id])
+    assert json.loads((seen / "mlflow_run.json").read_text())["run_id"] == logged.info.run_id
+    assert logged.data.params == {"epochs": "3", "lr": "0.01", "hidden": "32,16", "schedule": "cosine"}
+    history = client.get_metric_history(logged.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(e, pytest.approx(0.4 + e / 100)) for e in (1, 2, 3, 4)]
+    assert logged.info.status == "FINISHED"
 
 
 # Where MLflow is not installed: a finder that says so for it, as an environment without it would.
