@@ -137,7 +137,6 @@ class _MlflowRun:
             run = self.client.create_run(experiment_id, run_name=name, tags={"fmnist.run_dir": run_dir.uri})
             self.run_id = run.info.run_id
             run_dir.write(MLFLOW_RUN_FILE, json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id}).encode())
-        self.tracking_uri = tracking_uri
 
     def _exists(self, run_id: str | None) -> bool:
         from mlflow.exceptions import MlflowException

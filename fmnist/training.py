@@ -9,6 +9,7 @@ progress to the driver through a Ray queue; the driver draws it and writes the r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -357,7 +358,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
         recipe = {k: getattr(config, k) for k in RECIPE_FIELDS}
-        lr = lambda epoch: learning_rate(config.lr, config.schedule, epoch, config.epochs)  # noqa: E731
+        lr = functools.partial(learning_rate, config.lr, config.schedule, epochs=config.epochs)  # of an epoch
         with TrainingTracker(run_dir, config.name, recipe, lr, config.mlflow) as tracker:
             return _fit(config, run_dir, data, console, called_at, tracker)
     finally:
