@@ -16,7 +16,8 @@ from fmnist.training import RECIPE_FIELDS
 from conftest import PNG_MAGIC, one_error_line, tensorboard_images
 
 
-def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys):
+def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where MLflow puts a new experiment's artifacts (./mlruns)
     # One epoch cannot reach 99%: the gate fails (exit 1) after all the work is written.
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a real local MLflow store, no server
     code = main(["pipeline", "--epochs", "1", "--storage-path", str(tmp_path), "--name", "p",

@@ -55,7 +55,8 @@ def _row(epoch: int) -> dict:
             "val_loss": 1.4 / epoch, "val_accuracy": 0.4 + epoch / 100, "samples_per_second": 1000.0 * epoch}
 
 
-def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(tmp_path):
+def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where MLflow puts a new experiment's artifacts (./mlruns)
     # A filesystem that is not the local one, as object storage is: files go up whole after each epoch.
     remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     run_dir = StoragePath(remote, "runs/r", "mem://bucket/runs/r")
