@@ -14,7 +14,7 @@ from fmnist.evaluation_report import plot_confusion_matrix, print_report
 from fmnist.mistakes import write_mistakes
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath, is_uri
-from fmnist.tracking import log_evaluation
+from fmnist.tracking import check_mlflow, log_evaluation
 from fmnist.training import TrainConfig, train
 
 
@@ -28,6 +28,7 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
             f"the pipeline needs a local or NFS --storage-path, not {config.storage_path}; "
             "on object storage run train, score and evaluate one by one"
         )
+    check_mlflow(config.mlflow)
     started_ray = start_ray(config.verbose)
     try:
         trained = train(config, console)
