@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,27 +230,41 @@ class TrainingTracker:
             for key, value in figures.items():
                 self.events.add(scalar(scalar_tag(key), value), epoch)
                 self.final[scalar_tag(key)] = value
-            if self.mlflow:
-                self.mlflow.log_metrics(figures, step=epoch)
+            self._to_mlflow(lambda run: run.log_metrics(figures, step=epoch))
             self.last_epoch = epoch
         self.events.flush()
 
     def finish(self, best_checkpoint: StoragePath) -> None:
         """At the end of a run: the best checkpoint and the run's files as MLflow artifacts."""
-        if self.mlflow:
-            self.mlflow.log_checkpoint(best_checkpoint)
+        def log(run: _MlflowRun) -> None:
+            run.log_checkpoint(best_checkpoint)
             for name in RUN_ARTIFACTS:
                 if self.run_dir.child(name).exists():
                     with self.run_dir.fs.open_input_stream(self.run_dir.child(name).path) as f:
-                        self.mlflow.log_file(name, f.read())
+                        run.log_file(name, f.read())
+
+        self._to_mlflow(log)
+
+    def _to_mlflow(self, log: Callable[[_MlflowRun], None]) -> None:
+        """Log to the MLflow run, if any; trouble there mid-run (a server gone) does not stop training."""
+        if self.mlflow is None:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            log(self.mlflow)
+        except (MlflowException, OSError) as e:  # OSError: requests' connection errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            print(f"warning: logging to MLflow failed ({first}); the run goes on without it", file=sys.stderr)
+            self.mlflow = None
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.final:
             self._write_hparams()
         self.events.close()
-        if self.mlflow:
-            interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
-            self.mlflow.end("FINISHED" if kind is None else "KILLED" if interrupted else "FAILED")
+        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        status = "FINISHED" if kind is None else "KILLED" if interrupted else "FAILED"
+        self._to_mlflow(lambda run: run.end(status))
 
     def _write_hparams(self) -> None:
         """The recipe, with the run's loss and accuracy tags as its metrics (HParams shows their last values)."""
