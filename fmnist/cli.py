@@ -121,6 +121,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    run.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                     help="also log the run to MLflow: recipe, every epoch's figures, best checkpoint, plots "
+                          "(default URI: $MLFLOW_TRACKING_URI, else MLflow's local default; "
+                          "needs pip install 'fmnist[mlflow]')")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
     recipe.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
     recipe.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -199,33 +203,50 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=_output_file, default=None, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE",
                    help="write the confusion matrix as a PNG heatmap")
+    p.add_argument("--mistakes", type=_output_file, default=None, metavar="FILE",
+                   help="write a PNG grid of the most confident mistakes of the most confused class pairs")
+    p.add_argument("--images", default=None, metavar="INPUT",
+                   help="with --mistakes: the --input the predictions were scored from ('test', a directory of "
+                        "images, or Parquet); default: the image files the predictions name, else 'test'")
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --images test)")
     _min_accuracy_argument(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fmnist.evaluation import evaluate_predictions, write_json
+    from fmnist.evaluation import evaluate_predictions, write_json, write_report_file
     from fmnist.evaluation_report import plot_confusion_matrix, print_report
+    from fmnist.mistakes import render_mistakes
 
-    _check_report_files(args.predictions, {"--json": args.json, "--plot": args.plot})
+    _check_report_files(args.predictions, {"--json": args.json, "--plot": args.plot, "--mistakes": args.mistakes})
+    if args.images is not None and not args.mistakes:
+        raise InputError("--images is for --mistakes; pass --mistakes FILE.png too")
     evaluation = evaluate_predictions(args.predictions)
-    print_report(evaluation, Console())
+    # Drawn before the report: a wrong --images is one error line, not a report and then an error.
+    mistakes = render_mistakes(args.predictions, evaluation, args.images, args.data_dir) if args.mistakes else None
+    console = Console()
+    print_report(evaluation, console)
     if args.json:
         write_json(evaluation, args.json)
     if args.plot:
         plot_confusion_matrix(evaluation, args.plot)
+    if mistakes:
+        write_report_file(args.mistakes, mistakes, "--mistakes")
+        console.print(f"mistakes: {args.mistakes}", soft_wrap=True)
     return _accuracy_gate(evaluation.accuracy, args.min_accuracy)
 
 
 def _check_report_files(predictions: str, outputs: dict[str, str | None]) -> None:
-    """--json and --plot must be two files, and neither one of the predictions they report on."""
+    """The report files must be different files, and none one of the predictions they report on."""
     def resolved(path: str) -> str:
         return path.rstrip("/") if is_uri(path) else str(Path(path).resolve())
 
     files = {option: resolved(path) for option, path in outputs.items() if path}
-    if len(set(files.values())) < len(files):
-        raise InputError("--json and --plot name the same file; pass two files")
+    for i, (option, file) in enumerate(files.items()):
+        for other, other_file in list(files.items())[i + 1:]:
+            if file == other_file:
+                raise InputError(f"{option} and {other} name the same file; pass two files")
     source = resolved(predictions)
     for option, file in files.items():
         if file == source or (file.startswith(source + "/") and file.endswith((".parquet", "/_SUCCESS"))):

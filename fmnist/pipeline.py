@@ -8,16 +8,20 @@ from rich.console import Console
 from fmnist.cluster import start_ray
 from fmnist.evaluation import Evaluation, evaluate_predictions, write_json
 from fmnist.evaluation_report import plot_confusion_matrix, print_report
+from fmnist.mistakes import write_mistakes
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath
+from fmnist.tracking import check_mlflow, log_evaluation
 from fmnist.training import TrainConfig, train
 
 
 def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluation:
     """Train per ``config``; score the test set with the best checkpoint into ``<run>/predictions``;
-    write ``<run>/report.json`` and ``<run>/confusion_matrix.png`` and print the report.
+    write ``<run>/report.json``, ``<run>/confusion_matrix.png`` and ``<run>/mistakes.png`` and print the report;
+    the plots also go to the run's TensorBoard events, and with --mlflow all three to its MLflow run.
     The run directory may be local, NFS or on object storage."""
     console = console or Console()
+    check_mlflow(config.mlflow)
     started_ray = start_ray(config.verbose)
     try:
         trained = train(config, console)
@@ -32,8 +36,15 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     console.rule("Evaluation")
     evaluation = evaluate_predictions(scored.output)
     print_report(evaluation, console)
-    report, plot = run_dir.child("report.json").uri, run_dir.child("confusion_matrix.png").uri
-    write_json(evaluation, report)
-    plot_confusion_matrix(evaluation, plot)
-    console.print(f"report: {report}\nplot:   {plot}", soft_wrap=True)
+    report, plot, mistakes = (run_dir.child(name) for name in ("report.json", "confusion_matrix.png", "mistakes.png"))
+    write_json(evaluation, report.uri)
+    plot_confusion_matrix(evaluation, plot.uri)
+    write_mistakes(scored.output, evaluation, mistakes.uri, "test", config.data_dir)
+    files = {f.name: f.read_bytes() for f in (report, plot, mistakes)}
+    log_evaluation(run_dir, trained.history[-1]["epoch"],
+                   images={"confusion_matrix": files["confusion_matrix.png"], "mistakes": files["mistakes.png"]},
+                   files=files, metrics={"evaluation_accuracy": evaluation.accuracy,
+                                         "evaluation_macro_f1": evaluation.macro_avg["f1"]},
+                   mlflow_uri=config.mlflow)
+    console.print(f"report:   {report.uri}\nplot:     {plot.uri}\nmistakes: {mistakes.uri}", soft_wrap=True)
     return evaluation

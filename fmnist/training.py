@@ -10,6 +10,7 @@ progress to the driver through a Ray queue; the driver draws it and writes the r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resourc
 from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath
 
@@ -79,6 +81,7 @@ class TrainConfig:
     max_failures: int = 3
     resource_timeout_s: float = 60.0
     verbose: bool = False
+    mlflow: str | None = None  # an MLflow tracking URI to log to; "" for MLflow's default
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout, activation=self.activation)
@@ -380,6 +383,7 @@ def train(config: TrainConfig, console: Console | None = None, *, data: FashionM
     """
     console = console or Console()
     called_at = time.perf_counter()
+    check_mlflow(config.mlflow)
     run_dir, config = _pick_run_dir(config)
     _check_batch_splits(config)  # with --num-workers given, before Ray starts
     if data is None:
@@ -395,16 +399,19 @@ def train(config: TrainConfig, console: Console | None = None, *, data: FashionM
                            0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
-        return _fit(config, run_dir, data, console, called_at, why, callbacks)
+        recipe = {k: getattr(config, k) for k in RECIPE_FIELDS}
+        lr = functools.partial(learning_rate, config.lr, config.schedule, epochs=config.epochs)  # of an epoch
+        with TrainingTracker(run_dir, config.name, recipe, lr, config.mlflow) as tracker:
+            return _fit(config, run_dir, data, console, called_at, why, callbacks, tracker)
     finally:
         if started_ray:
             ray.shutdown()
 
 
 def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console: Console, called_at: float,
-         why: str, callbacks: Sequence[ray.train.UserCallback]) -> TrainResult:
+         why: str, callbacks: Sequence[ray.train.UserCallback], tracker: TrainingTracker) -> TrainResult:
     """Run the trainer (``config`` placed, for the reason ``why``) while drawing its progress and
-    writing the run's files."""
+    writing the run's files (and tracking them)."""
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -467,6 +474,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
                         startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
                     view.epoch_done(row)
                     run_dir.write("history.csv", history_csv(history).encode())
+                    tracker.epochs(history)
         finally:
             progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
             # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
@@ -487,6 +495,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
                   f"(test accuracy {100 * metrics['test_accuracy']:.2f}%)")
     else:
         chosen = f"test accuracy {100 * metrics['test_accuracy']:.2f}% at the last epoch ({metrics['epoch']})"
+    tracker.finish(best)
     console.print(
         f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line

@@ -72,3 +72,34 @@ def no_data_env(monkeypatch, tmp_path):
     monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return os.environ
+
+
+def tensorboard_events(run_dir) -> list:
+    """Every event of every TensorBoard event file in ``run_dir``, read raw with TensorBoard's own
+    loader (its accumulator would drop a repeated step), file by file in name order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(Path(run_dir).glob("events.out.tfevents.*"))
+    return [event for file in files for event in EventFileLoader(str(file)).Load()]
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a run's event files: tag -> [(step, value), ...] in the order written."""
+    from tensorboard.util.tensor_util import make_ndarray
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for event in tensorboard_events(run_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "scalars":  # the loader gives scalars as tensors
+                scalars.setdefault(value.tag, []).append((event.step, make_ndarray(value.tensor).item()))
+    return scalars
+
+
+def tensorboard_images(run_dir) -> dict[str, tuple[int, bytes]]:
+    """The images of a run's event files: tag -> (step, PNG bytes), the last of each tag."""
+    images = {}
+    for event in tensorboard_events(run_dir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "images":  # a tensor of width, height, encoded image
+                images[value.tag] = (event.step, value.tensor.string_val[2])
+    return images

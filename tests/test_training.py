@@ -21,7 +21,7 @@ from fmnist.model import normalize
 from fmnist.training_report import HISTORY_COLUMNS
 from fmnist.training import TrainConfig, learning_rate, train
 
-from conftest import PNG_MAGIC, REPO, one_error_line
+from conftest import PNG_MAGIC, REPO, one_error_line, tensorboard_scalars
 
 
 def read_history(run_dir) -> list[dict]:
@@ -99,6 +99,11 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     assert main([*resume, "--name", "cut", "--epochs", "4", "--num-workers", "2"]) == 0
     assert [r["epoch"] for r in read_history(tmp_path / "cut")] == ["1", "2", "3", "4"]
     assert json.loads((tmp_path / "cut" / "train_config.json").read_text())["num_workers"] == 2
+    # TensorBoard has each epoch once, over the event files of the three (re)starts.
+    accuracy = tensorboard_scalars(tmp_path / "cut")["accuracy/test"]
+    assert [step for step, _ in accuracy] == [1, 2, 3, 4]
+    assert [value for _, value in accuracy] == pytest.approx(
+        [float(r["test_accuracy"]) for r in read_history(tmp_path / "cut")])
     assert main(resume) == 2
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
