@@ -150,7 +150,7 @@ def evaluate_predictions(path: str | os.PathLike) -> Evaluation:
     """
     location = StoragePath.parse(str(path), "predictions")
     try:
-        files = _parquet_files(location)
+        files = prediction_files(location)
         tables = [_read_columns(f) for f in files]
     except OSError as e:  # object storage out of reach midway
         raise InputError(f"predictions {location.uri}: {describe_error(e)}") from None
@@ -174,7 +174,7 @@ def evaluate_predictions(path: str | os.PathLike) -> Evaluation:
     )
 
 
-def _parquet_files(location: StoragePath) -> list[StoragePath]:
+def prediction_files(location: StoragePath) -> list[StoragePath]:
     """One Parquet file, or the files a committed predictions directory's manifest lists."""
     kind = location.info().type
     if kind == pafs.FileType.File:

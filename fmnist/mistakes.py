@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -19,10 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fmnist.errors import InputError
-from fmnist.evaluation import ConfusedPair, Evaluation, write_report_file
+from fmnist.evaluation import ConfusedPair, Evaluation, prediction_files, write_report_file
 from fmnist.images import UnreadableImage, read_image
 from fmnist.model import CLASS_NAMES
 from fmnist.score_inputs import images_by_id, open_input
+from fmnist.storage import StoragePath
 
 PAIRS, PER_PAIR = 4, 8  # rows of the grid (class pairs), and mistakes shown per pair
 SCALE = 4  # each 28x28 image is shown as 112x112 pixels
@@ -50,7 +50,7 @@ def worst_mistakes(predictions: str | os.PathLike, evaluation: Evaluation, pairs
                    per_pair: int = PER_PAIR) -> list[tuple[ConfusedPair, list[Mistake]]]:
     """For each of the ``pairs`` most confused class pairs, its ``per_pair`` most confident mistakes
     (either way), most confident first; ties by id."""
-    table = _wrong_rows(Path(predictions))
+    table = _wrong_rows(predictions)
     chosen = []
     for pair in evaluation.most_confused(pairs):
         both = {pair.a, pair.b}
@@ -60,16 +60,18 @@ def worst_mistakes(predictions: str | os.PathLike, evaluation: Evaluation, pairs
     return chosen
 
 
-def _wrong_rows(predictions: Path) -> pa.Table:
+def _wrong_rows(predictions: str | os.PathLike) -> pa.Table:
+    location = StoragePath.parse(str(predictions), "predictions")
     try:
-        schema = pq.read_schema(next(iter(sorted(predictions.rglob("*.parquet"), key=str)), predictions))
+        files = prediction_files(location)
+        schema = pq.read_schema(files[0].path, filesystem=files[0].fs)
         missing = [c for c in COLUMNS if c not in schema.names]
         if missing:
-            raise InputError(f"the predictions in {predictions} have no '{missing[0]}' column; --mistakes needs "
+            raise InputError(f"the predictions in {location.uri} have no '{missing[0]}' column; --mistakes needs "
                              "predictions written by 'fmnist score'")
-        table = pq.read_table(predictions, columns=list(COLUMNS))
+        table = pa.concat_tables(pq.read_table(f.path, filesystem=f.fs, columns=list(COLUMNS)) for f in files)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"cannot read the predictions in {predictions} ({' '.join(str(e).split())})") from None
+        raise InputError(f"cannot read the predictions in {location.uri} ({' '.join(str(e).split())})") from None
     table = table.filter(pc.and_(pc.is_valid(table["label"]), pc.not_equal(table["label"], table["prediction"])))
     return table.cast(pa.schema([("id", pa.int64()), ("path", pa.string()), ("label", pa.int64()),
                                  ("prediction", pa.int64()), ("confidence", pa.float64())]))
@@ -85,7 +87,7 @@ def mistake_images(mistakes: list[Mistake], images: str | None, data_dir: str | 
     if images is None and all(m.path for m in mistakes):
         return [_read_file(m.path) for m in mistakes]
     spec = images or "test"
-    if spec != "test" and not Path(spec).expanduser().exists():
+    if spec != "test" and not StoragePath.parse(spec, "--images").exists():
         raise InputError(f"--images {spec} does not exist; pass the --input the predictions were scored from")
     found = images_by_id(open_input(spec, data_dir, CLASS_NAMES), [m.id for m in mistakes])
     hint = "pass --images with the --input the predictions were scored from"
@@ -103,7 +105,7 @@ def mistake_images(mistakes: list[Mistake], images: str | None, data_dir: str | 
 
 def _read_file(path: str) -> np.ndarray:
     try:
-        return read_image(path)
+        return read_image(StoragePath.parse(path, "image").read_bytes())
     except (UnreadableImage, OSError) as e:
         raise InputError(f"cannot read image {path} named in the predictions ({e}); pass --images") from None
 

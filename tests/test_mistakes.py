@@ -19,12 +19,11 @@ from fmnist.model import CLASS_NAMES
 from fmnist.scoring import PREDICTIONS_SCHEMA
 
 from conftest import PNG_MAGIC, one_error_line
-from test_evaluation import realistic_predictions
+from test_evaluation import committed, realistic_predictions
 
 
 def write_scored(directory: Path, ids, labels, predictions, paths=None, seed: int = 0) -> Path:
     """Predictions as 'fmnist score' writes them, with confidences that differ from row to row."""
-    directory.mkdir(parents=True, exist_ok=True)
     n = len(ids)
     confidence = np.random.default_rng(seed).uniform(0.3, 1.0, n).astype(np.float32)
     probabilities = np.tile(((1 - confidence) / 9)[:, None], (1, 10)).astype(np.float32)
@@ -38,8 +37,7 @@ def write_scored(directory: Path, ids, labels, predictions, paths=None, seed: in
         "confidence": pa.array(confidence),
         "probabilities": pa.array(list(probabilities), pa.list_(pa.float32())),
     }, schema=PREDICTIONS_SCHEMA)
-    pq.write_table(table, directory / "part-000.parquet")
-    return directory
+    return committed(directory, {"part-000.parquet": table})
 
 
 def find_tile(picture: np.ndarray, image: np.ndarray) -> tuple[int, int] | None:
@@ -185,10 +183,8 @@ def test_images_without_mistakes_and_predictions_without_confidence_are_refused(
     predictions = write_scored(tmp_path / "p", [0], [1], [2])
     assert main(["evaluate", str(predictions), "--images", "test"]) == 2
     assert "--images is for --mistakes" in one_error_line(capsys)
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    pq.write_table(pa.table({"label": pa.array([1], pa.int64()), "prediction": pa.array([2], pa.int64())}),
-                   bare / "part-000.parquet")
+    bare = committed(tmp_path / "bare", {
+        "part-000.parquet": pa.table({"label": pa.array([1], pa.int64()), "prediction": pa.array([2], pa.int64())})})
     assert main(["evaluate", str(bare), "--mistakes", str(tmp_path / "m.png")]) == 2
     assert "no 'id' column" in one_error_line(capsys)
     assert not (tmp_path / "m.png").exists()
