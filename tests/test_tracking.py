@@ -55,27 +55,34 @@ def _row(epoch: int) -> dict:
             "val_loss": 1.4 / epoch, "val_accuracy": 0.4 + epoch / 100, "samples_per_second": 1000.0 * epoch}
 
 
-def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(tmp_path, monkeypatch):
+def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(
+        s3_server, bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where MLflow puts a new experiment's artifacts (./mlruns)
-    # A filesystem that is not the local one, as object storage is: files go up whole after each epoch.
-    remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
-    run_dir = StoragePath(remote, "runs/r", "mem://bucket/runs/r")
-    seen = tmp_path / "bucket" / "runs" / "r"
+    # A run directory on (a real S3 API's) object storage: files go up whole after each epoch.
+    run_dir = StoragePath.parse(f"s3://{bucket}/runs/r")
     recipe = {"epochs": 3, "lr": 0.01, "hidden": (32, 16), "schedule": "cosine"}
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
+    def seen():
+        """What is on S3 now, fetched into a fresh local directory."""
+        local = tmp_path / f"seen-{len(list(tmp_path.glob('seen-*')))}"
+        local.mkdir()
+        pafs.copy_files(run_dir.path, str(local), source_filesystem=run_dir.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local
+
     with TrainingTracker(run_dir, "r", recipe, lambda epoch: 0.01 / epoch, tracking_uri) as tracker:
         tracker.epochs([_row(1)])
-        assert tensorboard_scalars(seen)["accuracy/test"] == [(1, pytest.approx(0.51))]
+        assert tensorboard_scalars(seen())["accuracy/test"] == [(1, pytest.approx(0.51))]
         # After a worker restart the history may come again, with an epoch the driver never saw.
         tracker.epochs([_row(1), _row(2), _row(3)])
         tracker.epochs([_row(1), _row(2), _row(3)])
 
-    scalars = tensorboard_scalars(seen)
+    scalars = tensorboard_scalars(seen())
     assert [step for step, _ in scalars["accuracy/val"]] == [1, 2, 3]  # figures of any name: val_* too
     assert scalars["loss/val"][2] == (3, pytest.approx(1.4 / 3))
     assert scalars["lr"] == [(1, pytest.approx(0.01)), (2, pytest.approx(0.005)), (3, pytest.approx(0.01 / 3))]
-    records = hparams_of(seen)
+    records = hparams_of(seen())
     assert records["_hparams_/session_start_info"].session_start_info.hparams["hidden"].string_value == "32,16"
     assert {m.name.tag for m in records["_hparams_/experiment"].experiment.metric_infos} == {
         "loss/train", "loss/test", "loss/val", "accuracy/test", "accuracy/val"}
@@ -83,13 +90,14 @@ def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_
     # A resumed run starts a new event file; what it logs follows on.
     with TrainingTracker(run_dir, "r", recipe, lambda epoch: 0.01, tracking_uri) as tracker:
         tracker.epochs([_row(1), _row(2), _row(3), _row(4)])
-    assert len(list(seen.glob("events.out.tfevents.*"))) == 2
-    assert [step for step, _ in tensorboard_scalars(seen)["loss/test"]] == [1, 2, 3, 4]
+    now = seen()
+    assert len(list(now.glob("events.out.tfevents.*"))) == 2
+    assert [step for step, _ in tensorboard_scalars(now)["loss/test"]] == [1, 2, 3, 4]
 
     # MLflow: one run for both (re)starts, every epoch once, the recipe as params.
     client = MlflowClient(tracking_uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("fmnist").experiment_id])
-    assert json.loads((seen / "mlflow_run.json").read_text())["run_id"] == logged.info.run_id
+    assert json.loads(run_dir.read_text("mlflow_run.json"))["run_id"] == logged.info.run_id
     assert logged.data.params == {"epochs": "3", "lr": "0.01", "hidden": "32,16", "schedule": "cosine"}
     history = client.get_metric_history(logged.info.run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(e, pytest.approx(0.4 + e / 100)) for e in (1, 2, 3, 4)]
