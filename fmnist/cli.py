@@ -314,6 +314,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--storage-path", default=d.storage_path,
                      help="where search directories go: a local/NFS path or s3://, gs:// (default %(default)s)")
     run.add_argument("--name", default=None, help="search directory name (default: tune-<date>-<time>)")
+    run.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                     help="also log each trial to MLflow, as train --mlflow logs a run (needs pip install "
+                          "'fmnist[mlflow]')")
     run.add_argument("--resume", action="store_true",
                      help="continue the search --name where it stopped (finished trials are not rerun)")
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")

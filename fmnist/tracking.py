@@ -115,7 +115,7 @@ class _MlflowRun:
 
         for logger in ("mlflow", "alembic"):  # their INFO lines (creating a database, ...) are not ours to show
             logging.getLogger(logger).setLevel(logging.WARNING)
-        tracking_uri = tracking_uri or _default_tracking_uri()
+        tracking_uri = resolve_tracking_uri(tracking_uri)
         try:
             self._open(run_dir, tracking_uri, name)
         except MlflowException as e:  # an unknown scheme, a server that is not there, ...
@@ -132,9 +132,7 @@ class _MlflowRun:
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            experiment_id = _experiment_id(self.client)
             run = self.client.create_run(experiment_id, run_name=name, tags={"fmnist.run_dir": run_dir.uri})
             self.run_id = run.info.run_id
             run_dir.write(MLFLOW_RUN_FILE, json.dumps({"tracking_uri": tracking_uri, "run_id": self.run_id}).encode())
@@ -180,11 +178,29 @@ class _MlflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _default_tracking_uri() -> str:
-    """MLflow's own choice: $MLFLOW_TRACKING_URI, else its local default (relative to here: made absolute)."""
+def _experiment_id(client) -> str:
+    """The id of the experiment runs go to ($MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT), made if missing."""
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
+
+
+def prepare_mlflow(tracking_uri: str) -> str:
+    """For a search, on its driver: the tracking URI its trials log to (absolute), and the experiment
+    made here, so that trials do not race to make it and its artifacts go where the user ran the search."""
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    _experiment_id(MlflowClient(tracking_uri))
+    return tracking_uri
+
+
+def resolve_tracking_uri(tracking_uri: str) -> str:
+    """``tracking_uri``, or where empty MLflow's own choice: $MLFLOW_TRACKING_URI, else its local
+    default (relative to here: made absolute)."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
+    uri = tracking_uri or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     if not re.match(r"^[a-z][a-z0-9+.-]*:", uri):  # a plain path

@@ -40,6 +40,7 @@ from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.storage import StoragePath
+from fmnist.tracking import check_mlflow, prepare_mlflow
 from fmnist.training import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, train
 from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
 
@@ -74,6 +75,7 @@ class SearchConfig:
     max_failures: int = 3  # worker failures each trial recovers from, from its last checkpoint
     resource_timeout_s: float = 60.0
     verbose: bool = False
+    mlflow: str | None = None  # an MLflow tracking URI each trial logs its run to; "" for MLflow's default
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class TrialSettings:
     use_gpu: bool
     architecture: tuple[int, ...] | None
     max_failures: int
+    mlflow: str | None  # the tracking URI, resolved on the driver
 
 
 @dataclass
@@ -118,10 +121,15 @@ def trial_config(trial_recipe: dict, settings: TrialSettings, name: str) -> Trai
     as the command line would refuse it, and the reproducing command means the same run."""
     from fmnist.cli import _train_config, build_parser
 
-    args = ["train", *train_arguments(trial_recipe, settings), "--storage-path", settings.search_dir,
-            "--name", name, "--cpus-per-worker", str(settings.cpus_per_worker),
-            "--max-failures", str(settings.max_failures), "--use-gpu" if settings.use_gpu else "--no-gpu"]
+    args = ["train", *train_arguments(trial_recipe, settings), *_run_arguments(settings, name)]
     return _train_config(build_parser().parse_args(args))
+
+
+def _run_arguments(settings: TrialSettings, name: str) -> list[str]:
+    """The ``fmnist train`` options of where and how a search's run ``name`` runs and is tracked."""
+    return ["--storage-path", settings.search_dir, "--name", name, "--cpus-per-worker", str(settings.cpus_per_worker),
+            "--max-failures", str(settings.max_failures), "--use-gpu" if settings.use_gpu else "--no-gpu",
+            *(["--mlflow", settings.mlflow] if settings.mlflow is not None else [])]
 
 
 class _ReportToTune(TuneReportCallback):
@@ -269,6 +277,7 @@ def check_search(config: SearchConfig) -> tuple[StoragePath, SearchConfig, dict]
             import optuna  # noqa: F401
         except ImportError:
             raise InputError("--search optuna needs Optuna: pip install 'fmnist[optuna]'") from None
+    check_mlflow(config.mlflow)
     if config.workers_per_trial > 200:  # the global batch is split across the workers (batch sizes >= 100)
         raise InputError("--workers-per-trial must be at most 200")
     search_dir, config = _pick_search_dir(config)
@@ -312,7 +321,8 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
         use_gpu, concurrency = _placed(config, console)
         settings = TrialSettings(search_dir.uri, config.max_epochs, config.validation, config.seed,
                                  config.workers_per_trial, config.cpus_per_worker, use_gpu, config.architecture,
-                                 config.max_failures)
+                                 config.max_failures,
+                                 prepare_mlflow(config.mlflow) if config.mlflow is not None else None)
         if not config.resume:
             search_dir.write(SEARCH_CONFIG_FILE, json.dumps({**asdict(config), "space_file": space}, indent=2).encode())
         trials = _fit(config, settings, space, search_dir, concurrency, data, console)
@@ -412,8 +422,8 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
     accuracies = []
     for seed in range(config.seed, config.seed + config.confirm):
-        args = [*train_arguments(best.recipe, replace(settings, seed=seed, validation=0)), "--storage-path", search_dir.uri, "--name", f"confirm_seed{seed}",
-                "--cpus-per-worker", str(settings.cpus_per_worker), "--use-gpu" if settings.use_gpu else "--no-gpu"]
+        args = [*train_arguments(best.recipe, replace(settings, seed=seed, validation=0)),
+                *_run_arguments(settings, f"confirm_seed{seed}")]
         result = train(_train_config(build_parser().parse_args(["train", *args])), console)
         accuracies.append(result.history[-1]["test_accuracy"])
     sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0

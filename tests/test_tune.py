@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from fmnist.cli import main
 
@@ -23,13 +24,13 @@ SEARCH = ["--max-epochs", "3", "--grace-period", "1", "--workers-per-trial", "1"
           "--validation", "1000", "--no-gpu"]
 
 
-def tune(*args: str, interrupt_when=None) -> tuple[int, str]:
+def tune(*args: str, interrupt_when=None, cwd=None) -> tuple[int, str]:
     """``workflows/tune.py`` in its own process (its own embedded Ray, as a user runs it); with
     ``interrupt_when``, a Ctrl-C as soon as that returns True. Its exit status and output."""
     # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit that.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "tune.py"), *args], text=True,
+        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "tune.py"), *args], text=True, cwd=cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -62,8 +63,10 @@ def search(real_data_dir, tmp_path_factory):
     """A small real search: 4 trials of tiny networks, 3 epochs, 1 worker each, 2 at a time."""
     storage = tmp_path_factory.mktemp("searches")
     space = write_space(storage / "space.json", TINY_SPACE)
+    # Each trial also logs to a real MLflow store (and MLflow's artifacts go where the search ran).
     code, output = tune("--trials", "4", *SEARCH, "--space", space, "--seed", "1", "--storage-path", str(storage),
-                        "--name", "s", "--data-dir", str(real_data_dir))
+                        "--name", "s", "--data-dir", str(real_data_dir),
+                        "--mlflow", f"sqlite:///{storage / 'mlflow.db'}", cwd=storage)
     assert code == 0, output
     return storage / "s", output
 
@@ -83,6 +86,15 @@ def test_a_search_finishes_stops_poor_trials_early_and_ranks_on_the_trials_own_h
         assert int(row["best_epoch"]) == int(best["epoch"])
     assert [float(r["val_accuracy"]) for r in board] == sorted((float(r["val_accuracy"]) for r in board),
                                                                reverse=True)
+
+    # MLflow has one run per trial, named as its run directory, with every epoch the trial reached.
+    client = MlflowClient(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("fmnist").experiment_id])}
+    assert set(runs) == {f"trial_{row['trial']}" for row in board}
+    for row in board:
+        history = read_csv(search_dir / f"trial_{row['trial']}" / "history.csv")
+        logged = client.get_metric_history(runs[f"trial_{row['trial']}"].info.run_id, "val_accuracy")
+        assert [(m.step, m.value) for m in logged] == [(int(h["epoch"]), float(h["val_accuracy"])) for h in history]
     best = json.loads((search_dir / "best_config.json").read_text())
     assert best["trial"] == board[0]["trial"] and best["val_accuracy"] == pytest.approx(float(board[0]["val_accuracy"]),
                                                                                         abs=1e-4)
