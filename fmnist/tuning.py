@@ -153,6 +153,12 @@ def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> Non
     config = trial_config(recipe(sample, settings.architecture), settings, name)
     run_dir = StoragePath.parse(settings.search_dir).child(name)
     config = replace(config, resume=run_dir.child(RUN_CONFIG_FILE).exists())
+    history = _history(run_dir) if config.resume else []
+    if len(history) >= config.epochs:
+        # Interrupted after its last epoch, before Tune saw it end: the run is whole (and training it
+        # again would be refused). Tell Tune how it ended.
+        ray.tune.report({"epoch": int(history[-1]["epoch"]), "val_accuracy": float(history[-1]["val_accuracy"])})
+        return
     train(config, Console(quiet=True), data=data, callbacks=[_ReportToTune(run_dir)])
 
 

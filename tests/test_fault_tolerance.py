@@ -16,6 +16,19 @@ from fmnist.cli import main
 from conftest import REPO, one_error_line
 
 
+def children_running(pid: int, name: str) -> list[psutil.Process]:
+    """The descendants of ``pid`` whose command line names ``name``, but for the tasks that only submit to
+    such an actor, and for those that just ended."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if name in " ".join(p.cmdline()) and ".submit" not in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
 def _epochs_recorded(run_dir) -> list[str]:
     try:
         with open(run_dir / "history.csv") as f:
@@ -37,8 +50,7 @@ def _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures: int) -> 
     while not _epochs_recorded(tmp_path / "ft"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = children_running(proc.pid, "RayTrainWorker")
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
     assert proc.poll() is None and len(_epochs_recorded(tmp_path / "ft")) < 3  # the kill landed mid-run
@@ -102,8 +114,7 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_r
     )
     deadline = time.monotonic() + 180
     while True:
-        actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if "MapWorker" in " ".join(p.cmdline()) and ".submit" not in " ".join(p.cmdline())]
+        actors = children_running(proc.pid, "MapWorker")
         if actors:
             break
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
