@@ -1,6 +1,6 @@
 """Batch scoring throughput and peak memory: the Ray Data job against a plain single-process job.
 
-    python bench/bench_scoring.py [--rows 10000 100000 1000000] [--batch-size 1024] [--concurrency 2]
+    python bench/bench_scoring.py [--rows 10000 100000 1000000 3000000] [--rounds 3] [--batch-size 1024]
 
 Input: the 10,000 test images repeated to each row count, as one Parquet file (id, label,
 image as 784 uint8 pixels; row groups of 10,000). Both jobs read it, run the model and write
@@ -11,11 +11,17 @@ Each job is timed as a whole process, Python start to exit (imports, Ray start, 
 Ray shutdown). Peak memory is the highest sum, over the process and all its descendants
 (Ray's raylet, GCS, workers...), of the proportional set size, sampled every 0.2 s: PSS
 counts a shared page (Ray's object store) once, not once per process that maps it.
+
+The jobs run in rounds, each round every row count and both jobs one after the other, and each
+figure is the median over rounds. The marginal throughput between the two largest row counts,
+(rows' difference) / (seconds' difference), leaves out what every run pays once (start-up, shutdown).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,7 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=None, help="scoring tasks at once (default: the product's)")
     parser.add_argument("--plain-job", nargs=3, metavar=("CHECKPOINT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_job:
@@ -108,28 +115,40 @@ def main() -> None:
         # Throughput does not depend on the weights: an untrained model will do.
         checkpoint = tmp / "checkpoint"
         save_checkpoint(checkpoint, Classifier(), ModelConfig(), {"epoch": 0, "test_accuracy": 0.0}, {})
+        concurrency = ["--concurrency", str(args.concurrency)] if args.concurrency else []
         jobs = {
             "Ray Data": lambda src, out: [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint",
                                           str(checkpoint), "--input", str(src), "--output", str(out),
-                                          "--batch-size", str(args.batch_size),
-                                          "--concurrency", str(args.concurrency)],
+                                          "--batch-size", str(args.batch_size), *concurrency],
             "plain": lambda src, out: [sys.executable, __file__, "--batch-size", str(args.batch_size),
                                        "--plain-job", str(checkpoint), str(src), str(out)],
         }
+        for rows in args.rows:
+            write_input(tmp / f"input-{rows}.parquet", rows)
+        runs = {(rows, name): [] for rows in args.rows for name in jobs}  # (seconds, peak) per round
+        for round_ in range(args.rounds):
+            for rows in args.rows:
+                for name, command in jobs.items():
+                    output = tmp / f"{name}-{rows}"
+                    runs[rows, name].append(measure(command(tmp / f"input-{rows}.parquet", output)))
+                    shutil.rmtree(output)
+                    print(f"round {round_ + 1}: {rows:,} rows, {name}: {runs[rows, name][-1][0]:.1f} s", flush=True)
+
+        seconds = {key: statistics.median(s for s, _ in values) for key, values in runs.items()}
+        print(f"\nmedians of {args.rounds} rounds\n")
         print("| rows | job | seconds | images/s | peak memory (PSS) |")
         print("|---:|---|---:|---:|---:|")
         for rows in args.rows:
-            source = tmp / f"input-{rows}.parquet"
-            write_input(source, rows)
-            throughput = {}
-            for name, command in jobs.items():
-                seconds, peak = measure(command(source, tmp / f"{name}-{rows}"))
-                throughput[name] = rows / seconds
-                print(f"| {rows:,} | {name} | {seconds:.1f} | {throughput[name]:,.0f} | {peak / 2**20:,.0f} MiB |",
-                      flush=True)
-            print(f"| {rows:,} | Ray / plain | | {throughput['Ray Data'] / throughput['plain']:.2f}x | |", flush=True)
-            source.unlink()
-
+            for name in jobs:
+                peak = statistics.median(p for _, p in runs[rows, name])
+                print(f"| {rows:,} | {name} | {seconds[rows, name]:.1f} | {rows / seconds[rows, name]:,.0f} | "
+                      f"{peak / 2**20:,.0f} MiB |")
+            print(f"| {rows:,} | Ray / plain | | {seconds[rows, 'plain'] / seconds[rows, 'Ray Data']:.2f}x | |")
+        if len(args.rows) > 1:
+            low, high = sorted(args.rows)[-2:]
+            marginal = {name: (high - low) / (seconds[high, name] - seconds[low, name]) for name in jobs}
+            print(f"\nmarginal throughput, {low:,} -> {high:,} rows: Ray Data {marginal['Ray Data']:,.0f} images/s, "
+                  f"plain {marginal['plain']:,.0f} images/s: {marginal['Ray Data'] / marginal['plain']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -52,11 +52,13 @@ def main() -> None:
         argv += ["--architecture", TUTORIAL_NETWORK]
     config = _config_from_args(SearchConfig, build_parser().parse_args(argv))
 
-    started = time.monotonic()
+    started = time.time()
     result = run_search(config)
-    hours = (time.monotonic() - started) / 3600
+    leaderboard = Path(result.search_dir) / "leaderboard.csv"
+    # The search itself: until its leaderboard is written, before --confirm's runs.
+    hours = (leaderboard.stat().st_mtime - started) / 3600
 
-    with open(Path(result.search_dir) / "leaderboard.csv") as f:
+    with open(leaderboard) as f:
         board = list(csv.DictReader(f))
     epochs = sum(int(row["epochs"]) for row in board)
     confirmed = result.confirmed or []
@@ -73,7 +75,7 @@ def main() -> None:
         "target_met": mean is not None and mean >= TARGETS[args.search],
     }
     (Path(result.search_dir) / "bench_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{len(board)} trials, {epochs} epochs in {hours * 60:.1f} min: {summary['trials_per_hour']:.1f} trials/h, "
+    print(f"\n{len(board)} trials, {epochs} epochs in {hours * 60:.1f} min of search: {summary['trials_per_hour']:.1f} trials/h, "
           f"{summary['epochs_per_hour']:.0f} epochs/h; {summary['stopped_early']} stopped early by ASHA")
     if mean is not None:
         print(f"best recipe, final test accuracy over {len(confirmed)} seeds: {100 * mean:.2f}% "

@@ -100,7 +100,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", type=_positive_int, default=d.epochs,
                      help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume the run's own, or more)")
     run.add_argument("--num-workers", type=_positive_int, default=d.num_workers, metavar="W",
-                     help=f"Ray Train workers, data parallel (default {CPU_WORKERS}; on GPUs, one per GPU there is)")
+                     help=f"Ray Train workers, data parallel (default: 1 with every core on your own machine, "
+                          f"{CPU_WORKERS} on a CPU cluster, one per GPU on GPUs)")
     gpu = run.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")
@@ -168,7 +169,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.scoring import CPU_ACTORS
     from fmnist.scoring import ScoreConfig as d
 
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
@@ -182,7 +182,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="images per batch (default %(default)s)")
     p.add_argument("--concurrency", type=_positive_int, default=d.concurrency, metavar="N",
-                   help=f"model actors (default {CPU_ACTORS}; with --use-gpu, one per GPU of the cluster)")
+                   help="scoring tasks at once (default: one per CPU); with --use-gpu, model actors (default: one per GPU)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")

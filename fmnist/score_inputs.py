@@ -55,9 +55,6 @@ class ScoringInput(NamedTuple):
     read_tasks: list[list[_RowGroup]] | None = None  # or the Parquet row groups that hold them, per task
     location: StoragePath | None = None  # where the files are (None: the test set, in memory)
 
-    def blocks(self, batch_size: int) -> int:
-        """How many Ray Data blocks it makes: one per read task, or per batch of table rows."""
-        return len(self.read_tasks) if self.read_tasks else math.ceil(self.rows / batch_size)
 
 
 def _image_rows(ids, labels, paths=None, images=None) -> pa.Table:
@@ -228,9 +225,10 @@ def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) ->
         raise InputError(f"--input {location.uri}: {describe_error(e)}") from None
 
 
-def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle,
-               skip_bad: bool) -> ray.data.Dataset:
-    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes).
+def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle, skip_bad: bool,
+               concurrency: int | None = None) -> ray.data.Dataset:
+    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes), read by
+    at most ``concurrency`` tasks at once (None: as many as there are CPUs).
 
     Unreadable image files go to ``tally`` (see readable_rows).
     """
@@ -238,15 +236,19 @@ def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHand
         # One block per task: Ray Data would cut each into many small ones, whose scheduling
         # took a fifth of the job's time on a 2-core machine.
         return ray.data.read_datasource(_ParquetRowGroups(source.read_tasks, batch_size),
-                                        override_num_blocks=source.blocks(batch_size),
+                                        override_num_blocks=len(source.read_tasks), concurrency=concurrency,
                                         **file_task_options(source.location))
     table = source.table
-    blocks = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(table), batch_size)])
+    # A block per CPU, of whole batches: each becomes one task that reads, scores and writes it.
+    batches = math.ceil(len(table) / batch_size)
+    rows = batch_size * math.ceil(batches / max(1, int(ray.cluster_resources().get("CPU", 1))))
+    blocks = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(table), rows)])
     if "image" in table.column_names:
         return blocks
     return blocks.map_batches(_decode_image_files,
                               fn_kwargs=dict(tally=tally, skip_bad=skip_bad, directory=source.location),
-                              batch_size=None, batch_format="pyarrow", **file_task_options(source.location))
+                              batch_size=None, batch_format="pyarrow", concurrency=concurrency,
+                              **file_task_options(source.location))
 
 
 def _row_name(batch: pa.Table, row: int) -> str:

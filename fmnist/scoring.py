@@ -1,7 +1,8 @@
 """Batch scoring with Ray Data: images in, one Parquet row of predictions per image out.
 
     input (test set | image files | Parquet)  ->  a Ray Dataset, streamed batch by batch (score_inputs)
-        -> map_batches(Predictor): a pool of model actors, each holding the model
+        -> map_batches: on CPUs Ray Data tasks, fused with the read and the write where Ray can;
+           on GPUs one model actor per GPU
         -> write_parquet into a hidden staging directory beside --output
         -> moved to --output only once every batch is written, and a _SUCCESS manifest last (outputs)
 
@@ -13,6 +14,7 @@ storage (s3://, gs://) by Ray Data tasks on any node.
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 import threading
 import time
@@ -46,8 +48,7 @@ PREDICTIONS_SCHEMA = pa.schema([
     pa.field("confidence", pa.float32(), nullable=False),
     pa.field("probabilities", pa.list_(pa.float32()), nullable=False),
 ])
-ROWS_PER_FILE = 100_000  # few, large output files rather than one per batch
-CPU_ACTORS = 2  # model actors on CPUs, unless told otherwise
+ROWS_PER_FILE = 100_000  # on GPUs: few, large output files rather than one per batch
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,11 @@ class ScoreConfig:
     input: str = "test"  # 'test', a directory of images, or a Parquet file or directory; local or a URI
     data_dir: str | None = None  # Fashion-MNIST IDX files, for input 'test'
     batch_size: int = 1024
-    concurrency: int | None = None  # model actors; None: CPU_ACTORS, or with use_gpu one per GPU there is
+    concurrency: int | None = None  # scoring tasks at once (None: one per CPU); with use_gpu, actors (one per GPU)
     use_gpu: bool = False  # one GPU per actor
     overwrite: bool = False
     skip_bad: bool = False  # skip unreadable images instead of failing
-    resource_timeout_s: float = 60.0  # on a cluster: how long actors' CPUs/GPUs may take to appear
+    resource_timeout_s: float = 60.0  # on a cluster: how long the CPUs/GPUs asked for may take to appear
     verbose: bool = False
 
 
@@ -79,7 +80,7 @@ class ScoreResult:
         return self.rows / self.seconds
 
 
-# ----------------------------------------------------------------------------- the model actors
+# ----------------------------------------------------------------------------- the model
 
 
 @torch.inference_mode()
@@ -106,7 +107,7 @@ def predict(model: Classifier, config: ModelConfig, batch: pa.Table, pixels: np.
 
 @ray.remote(num_cpus=0)
 class _Tally:
-    """Where the model actors report what they scored and what they could not read."""
+    """Where the scoring tasks (or actors) report what they scored and what they could not read."""
 
     def __init__(self):
         self.scored = 0
@@ -120,33 +121,44 @@ class _Tally:
         return self.scored, self.unreadable
 
 
-class Predictor:
-    """A Ray Data model actor: holds the model, scores one batch of images per call."""
-
-    def __init__(self, model: Classifier, config: ModelConfig, use_gpu: bool, threads: int,
-                 tally: ray.actor.ActorHandle, skip_bad: bool):
-        torch.set_num_threads(threads)
-        self.model = model.to("cuda" if use_gpu else "cpu")
-        self.config = config
-        self.tally = tally
-        self.skip_bad = skip_bad
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        batch, pixels = readable_rows(batch, self.tally, self.skip_bad)
-        predictions = predict(self.model, self.config, batch, pixels)
-        self.tally.add.remote(len(predictions), [])
-        return predictions
+# This worker process's model, kept for its next tasks: {ObjectRef hex: model}. One at a time: a
+# later job's model (another object) replaces it.
+_loaded_model: dict[str, Classifier] = {}
 
 
-def _placement(use_gpu: bool, actors: int) -> tuple[float, int]:
-    """The CPUs each model actor reserves, and the torch threads it runs."""
-    if use_gpu or not is_embedded():
-        return 1.0, 1
-    # An embedded local Ray: the actors share the cores. They reserve all but two, which Ray
-    # Data's read and write tasks need (one CPU each): without them the writes wait for the
-    # actors to finish, and the predictions pile up in memory.
-    cores = ray.cluster_resources().get("CPU", 1)
-    return max(cores - 2, 0) / actors, max(1, int(cores) // actors)
+def _model(model_ref: ray.ObjectRef, device: str) -> Classifier:
+    key = model_ref.hex()
+    if key not in _loaded_model:
+        _loaded_model.clear()
+        _loaded_model[key] = ray.get(model_ref).to(device)
+    return _loaded_model[key]
+
+
+def score_block(block: pa.Table, model: Classifier, config: ModelConfig, batch_size: int,
+                tally: ray.actor.ActorHandle, skip_bad: bool) -> Iterator[pa.Table]:
+    """Predictions for a block of input rows, ``batch_size`` rows at a time."""
+    for start in range(0, len(block), batch_size):
+        batch, pixels = readable_rows(block.slice(start, batch_size), tally, skip_bad)
+        predictions = predict(model, config, batch, pixels)
+        tally.add.remote(len(predictions), [])
+        yield predictions
+
+
+def _score_on_cpu(block: pa.Table, model_ref: ray.ObjectRef, **options) -> Iterator[pa.Table]:
+    """A Ray Data task's predictions for a block, by the model its worker process already holds."""
+    torch.set_num_threads(1)  # the task reserves one CPU
+    yield from score_block(block, _model(model_ref, "cpu"), **options)
+
+
+class GPUPredictor:
+    """A Ray Data model actor on a GPU: loads the model once, then scores one batch per call."""
+
+    def __init__(self, model_ref: ray.ObjectRef, **options):
+        self.model = _model(model_ref, "cuda")
+        self.options = options
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        yield from score_block(batch, self.model, **self.options)
 
 
 # ----------------------------------------------------------------------------- output and console
@@ -154,7 +166,7 @@ def _placement(use_gpu: bool, actors: int) -> tuple[float, int]:
 
 @contextlib.contextmanager
 def _progress(console: Console, tally: ray.actor.ActorHandle, total: int) -> Iterator[None]:
-    """A live bar of images scored, polled from the actors' tally while the job runs."""
+    """A live bar of images scored, polled from the scoring tally while the job runs."""
     progress = Progress(
         TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
         TextColumn("{task.fields[rate]:,.0f} images/s"), TimeElapsedColumn(),
@@ -255,24 +267,41 @@ def _check_output(output: StoragePath, config: ScoreConfig, source: ScoringInput
 
 def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: ScoringInput,
                  console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
-    """The pipeline, not run yet: input blocks -> the model actors' predictions; and their tally."""
-    actors = config.concurrency or (one_per_gpu() if config.use_gpu else CPU_ACTORS)
-    actors = min(actors, source.blocks(config.batch_size))  # more would have nothing to do
-    cpus, threads = _placement(config.use_gpu, actors)
-    wait_for_resources({"CPU": cpus, "GPU": int(config.use_gpu)}, actors,
-                       f"scoring with {actors} model actor{'s' * (actors > 1)}",
-                       "ask for fewer (--concurrency) or leave out --use-gpu",
-                       0 if is_embedded() else config.resource_timeout_s, console)
+    """The pipeline, not run yet: input blocks -> predictions; and their tally.
+
+    On CPUs the model runs in Ray Data tasks that Ray fuses with the read and the write where they
+    may run on the same node (embedded Ray, object storage): a block then never crosses the object
+    store. On GPUs, in one actor per GPU, which loads the model once.
+    """
+    if config.use_gpu:
+        actors = min(config.concurrency or one_per_gpu(), math.ceil(source.rows / config.batch_size))
+        wait_for_resources({"CPU": 1, "GPU": 1}, actors, f"scoring with {actors} model actor{'s' * (actors > 1)}",
+                           "ask for fewer (--concurrency) or leave out --use-gpu",
+                           0 if is_embedded() else config.resource_timeout_s, console)
+    else:
+        wait_for_resources({"CPU": 1}, 1, "scoring", "add a node with CPUs",
+                           0 if is_embedded() else config.resource_timeout_s, console)
     tally = _Tally.remote()
-    predictions = to_dataset(source, config.batch_size, tally, config.skip_bad).map_batches(
-        Predictor,
-        fn_constructor_kwargs=dict(model=model, config=model_config, use_gpu=config.use_gpu,
-                                   threads=threads, tally=tally, skip_bad=config.skip_bad),
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=config.batch_size, batch_format="pyarrow",
-        num_cpus=cpus, num_gpus=1 if config.use_gpu else None,
-    )
+    # Each task (or actor) gets the model as this one object, not a copy in its arguments.
+    options = dict(model_ref=ray.put(model), config=model_config, batch_size=config.batch_size, tally=tally,
+                   skip_bad=config.skip_bad)
+    concurrency = _task_concurrency(config)
+    blocks = to_dataset(source, config.batch_size, tally, config.skip_bad, concurrency)
+    if config.use_gpu:
+        predictions = blocks.map_batches(GPUPredictor, fn_constructor_kwargs=options,
+                                         compute=ray.data.ActorPoolStrategy(size=actors),
+                                         batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, num_gpus=1)
+    else:
+        # SPREAD, as Ray Data's reads are scheduled: other options would keep it from fusing the two.
+        predictions = blocks.map_batches(_score_on_cpu, fn_kwargs=options, batch_size=None,
+                                         batch_format="pyarrow", concurrency=concurrency, num_cpus=1,
+                                         scheduling_strategy="SPREAD")
     return predictions, tally
+
+
+def _task_concurrency(config: ScoreConfig) -> int | None:
+    """At most how many tasks of each step run at once: the same for every step, or Ray would not fuse them."""
+    return None if config.use_gpu else config.concurrency
 
 
 def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staged: StagedOutput,
@@ -283,8 +312,12 @@ def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: i
     staging = staged.dir
     with _progress(console, tally, total):
         try:
+            # On CPUs each task writes its block as one file: bundling rows across tasks would
+            # keep Ray from fusing the read into the task that scores and writes.
             predictions.write_parquet(staging.path, filesystem=staging.fs, schema=schema,
-                                      min_rows_per_file=ROWS_PER_FILE, ray_remote_args=file_task_options(staging))
+                                      min_rows_per_file=ROWS_PER_FILE if config.use_gpu else None,
+                                      ray_remote_args=file_task_options(staging),
+                                      concurrency=_task_concurrency(config))
         except Exception:
             _, unreadable = ray.get(tally.get.remote())
             if unreadable and not config.skip_bad:

@@ -426,9 +426,12 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     from fmnist.cli import _train_config, build_parser
 
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
+    # One run at a time: on your own machine each may use every core (threads leave the recipe as it is).
+    cores = int(ray.cluster_resources().get("CPU", 1)) // settings.workers_per_trial if is_embedded() else 0
+    settings = replace(settings, validation=0, cpus_per_worker=max(settings.cpus_per_worker, cores))
     accuracies = []
     for seed in range(config.seed, config.seed + config.confirm):
-        args = [*train_arguments(best.recipe, replace(settings, seed=seed, validation=0)),
+        args = [*train_arguments(best.recipe, replace(settings, seed=seed)),
                 *_run_arguments(settings, f"confirm_seed{seed}")]
         result = train(_train_config(build_parser().parse_args(["train", *args])), console)
         accuracies.append(result.history[-1]["test_accuracy"])

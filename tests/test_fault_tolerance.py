@@ -91,7 +91,7 @@ def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
     assert f"needs {asked}" in err and f"has {has}" in err
 
 
-def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_run, real_data_dir, tmp_path):
+def test_a_killed_scoring_task_is_retried_and_every_row_written_once(trained_run, real_data_dir, tmp_path):
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -99,7 +99,7 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_r
     from fmnist.data import load_test_split
 
     images, labels = load_test_split(real_data_dir)
-    repeats = 20  # 200,000 rows: long enough to kill an actor mid-job
+    repeats = 20  # 200,000 rows: long enough to kill a scoring task mid-job
     table = pa.table({
         "image": pa.FixedSizeListArray.from_arrays(pa.array(np.tile(images.reshape(-1), repeats)), 784),
         "label": pa.array(np.tile(labels, repeats)),
@@ -114,13 +114,13 @@ def test_a_killed_scoring_actor_is_replaced_and_every_row_written_once(trained_r
     )
     deadline = time.monotonic() + 180
     while True:
-        actors = children_running(proc.pid, "MapWorker")
-        if actors:
+        tasks = children_running(proc.pid, "_score_on_cpu")  # a Ray worker's title names its task
+        if tasks:
             break
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.1)
     time.sleep(2)  # let it score some batches first
-    actors[0].send_signal(signal.SIGKILL)
+    tasks[0].send_signal(signal.SIGKILL)
     assert proc.poll() is None and not output.exists()  # the kill landed mid-job
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

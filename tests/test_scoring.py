@@ -328,3 +328,21 @@ def test_workflow_script_runs_on_its_own_ray(trained_run, real_data_dir, tmp_pat
     assert run.returncode == 0, run.stderr
     assert read_predictions(out).num_rows == 10_000
     assert "10,000 images" in run.stdout and "Traceback" not in run.stderr
+    assert "ERROR" not in run.stdout + run.stderr  # Ray's, about model actors' arguments, is gone with them
+
+
+def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, test_set, tmp_path):
+    """On one's own Ray, the model runs in the read's and the write's Ray Data task (the plan Ray
+    prints with --verbose): blocks never cross the object store, and no model actor is made."""
+    images, labels = test_set
+    pq.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images[:3000].reshape(-1)), 784),
+                             "label": labels[:3000]}), tmp_path / "input.parquet", row_group_size=1000)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
+         "--input", str(tmp_path / "input.parquet"), "--output", str(tmp_path / "predictions"), "--verbose"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "TaskPoolMapOperator[Read_ParquetRowGroups->MapBatches(_score_on_cpu)->Write]" in run.stdout + run.stderr
+    assert read_predictions(tmp_path / "predictions")["id"].to_pylist() == list(range(3000))
