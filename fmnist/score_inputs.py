@@ -225,10 +225,9 @@ def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) ->
         raise InputError(f"--input {location.uri}: {describe_error(e)}") from None
 
 
-def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle, skip_bad: bool,
-               concurrency: int | None = None) -> ray.data.Dataset:
-    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes), read by
-    at most ``concurrency`` tasks at once (None: as many as there are CPUs).
+def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHandle,
+               skip_bad: bool) -> ray.data.Dataset:
+    """The input as blocks of id, path, label and image (pixel lists or PNG/JPEG bytes).
 
     Unreadable image files go to ``tally`` (see readable_rows).
     """
@@ -236,7 +235,7 @@ def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHand
         # One block per task: Ray Data would cut each into many small ones, whose scheduling
         # took a fifth of the job's time on a 2-core machine.
         return ray.data.read_datasource(_ParquetRowGroups(source.read_tasks, batch_size),
-                                        override_num_blocks=len(source.read_tasks), concurrency=concurrency,
+                                        override_num_blocks=len(source.read_tasks),
                                         **file_task_options(source.location))
     table = source.table
     # A block per CPU, of whole batches: each becomes one task that reads, scores and writes it.
@@ -247,8 +246,7 @@ def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHand
         return blocks
     return blocks.map_batches(_decode_image_files,
                               fn_kwargs=dict(tally=tally, skip_bad=skip_bad, directory=source.location),
-                              batch_size=None, batch_format="pyarrow", concurrency=concurrency,
-                              **file_task_options(source.location))
+                              batch_size=None, batch_format="pyarrow", **file_task_options(source.location))
 
 
 def _row_name(batch: pa.Table, row: int) -> str:

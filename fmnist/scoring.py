@@ -228,11 +228,12 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
         try:
             if not config.verbose:
                 _quiet_ray_data_console()
-            predictions, tally = _predictions(config, model, model_config, source, console)
-            try:
-                result = _write(predictions, tally, source.rows, staged, checkpoint, config, console)
-            finally:
-                ray.kill(tally)  # it would outlive the job in a Ray session that goes on
+            with _cpu_limit(config):
+                predictions, tally = _predictions(config, model, model_config, source, console)
+                try:
+                    result = _write(predictions, tally, source.rows, staged, checkpoint, config, console)
+                finally:
+                    ray.kill(tally)  # it would outlive the job in a Ray session that goes on
         finally:
             if started_ray:
                 ray.shutdown()
@@ -285,23 +286,29 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
     # Each task (or actor) gets the model as this one object, not a copy in its arguments.
     options = dict(model_ref=ray.put(model), config=model_config, batch_size=config.batch_size, tally=tally,
                    skip_bad=config.skip_bad)
-    concurrency = _task_concurrency(config)
-    blocks = to_dataset(source, config.batch_size, tally, config.skip_bad, concurrency)
+    blocks = to_dataset(source, config.batch_size, tally, config.skip_bad)
     if config.use_gpu:
         predictions = blocks.map_batches(GPUPredictor, fn_constructor_kwargs=options,
                                          compute=ray.data.ActorPoolStrategy(size=actors),
                                          batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, num_gpus=1)
     else:
-        # SPREAD, as Ray Data's reads are scheduled: other options would keep it from fusing the two.
         predictions = blocks.map_batches(_score_on_cpu, fn_kwargs=options, batch_size=None,
-                                         batch_format="pyarrow", concurrency=concurrency, num_cpus=1,
-                                         scheduling_strategy="SPREAD")
+                                         batch_format="pyarrow", num_cpus=1)
     return predictions, tally
 
 
-def _task_concurrency(config: ScoreConfig) -> int | None:
-    """At most how many tasks of each step run at once: the same for every step, or Ray would not fuse them."""
-    return None if config.use_gpu else config.concurrency
+@contextlib.contextmanager
+def _cpu_limit(config: ScoreConfig) -> Iterator[None]:
+    """--concurrency on CPUs: at most that many CPUs for the job's Ray Data tasks (one each). A limit
+    on the whole job, since a concurrency per step keeps Ray from fusing the steps."""
+    options = ray.data.DataContext.get_current().execution_options
+    limits = options.resource_limits
+    if config.concurrency and not config.use_gpu:
+        options.resource_limits = limits.copy(cpu=config.concurrency)
+    try:
+        yield
+    finally:
+        options.resource_limits = limits
 
 
 def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staged: StagedOutput,
@@ -316,8 +323,7 @@ def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: i
             # keep Ray from fusing the read into the task that scores and writes.
             predictions.write_parquet(staging.path, filesystem=staging.fs, schema=schema,
                                       min_rows_per_file=ROWS_PER_FILE if config.use_gpu else None,
-                                      ray_remote_args=file_task_options(staging),
-                                      concurrency=_task_concurrency(config))
+                                      ray_remote_args=file_task_options(staging))
         except Exception:
             _, unreadable = ray.get(tally.get.remote())
             if unreadable and not config.skip_bad:

@@ -431,9 +431,17 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     settings = replace(settings, validation=0, cpus_per_worker=max(settings.cpus_per_worker, cores))
     accuracies = []
     for seed in range(config.seed, config.seed + config.confirm):
-        args = [*train_arguments(best.recipe, replace(settings, seed=seed)),
-                *_run_arguments(settings, f"confirm_seed{seed}")]
-        result = train(_train_config(build_parser().parse_args(["train", *args])), console)
+        name = f"confirm_seed{seed}"
+        args = [*train_arguments(best.recipe, replace(settings, seed=seed)), *_run_arguments(settings, name)]
+        run = _train_config(build_parser().parse_args(["train", *args]))
+        # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
+        run_dir = StoragePath.parse(settings.search_dir).child(name)
+        history = _history(run_dir)
+        if len(history) >= run.epochs:
+            console.print(f"{run_dir.uri}: finished before, {len(history)} epochs")
+            accuracies.append(float(history[-1]["test_accuracy"]))
+            continue
+        result = train(replace(run, resume=run_dir.child(RUN_CONFIG_FILE).exists()), console)
         accuracies.append(result.history[-1]["test_accuracy"])
     sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     console.print(f"[bold green]Confirmed:[/] test accuracy {100 * statistics.mean(accuracies):.2f}% "

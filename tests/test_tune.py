@@ -126,6 +126,26 @@ def test_the_printed_train_command_reproduces_the_best_trial_and_score_takes_a_t
     assert pq.read_table(tmp_path / "p").num_rows == 10_000
 
 
+def test_confirm_retrains_the_best_recipe_on_the_full_training_set_and_a_resume_keeps_finished_confirm_runs(
+        search, real_data_dir):
+    search_dir, _ = search
+    again = ["--resume", "--name", "s", "--storage-path", str(search_dir.parent), "--data-dir", str(real_data_dir)]
+    code, output = tune(*again, "--confirm", "1", cwd=search_dir.parent)
+    assert code == 0, output
+    first = read_csv(search_dir / "confirm_seed1" / "history.csv")  # the search's --seed is 1
+    assert len(first) == 3 and not first[-1].get("val_accuracy")  # no validation split: the full training set
+    assert f"test accuracy {100 * float(first[-1]['test_accuracy']):.2f}% ± 0.00" in output
+
+    code, output = tune(*again, "--confirm", "2", cwd=search_dir.parent)
+    assert code == 0, output
+    assert "confirm_seed1: finished before, 3 epochs" in output.replace("\n", "")
+    assert read_csv(search_dir / "confirm_seed1" / "history.csv") == first  # kept, not trained again
+    second = read_csv(search_dir / "confirm_seed2" / "history.csv")
+    assert len(second) == 3
+    mean = (float(first[-1]["test_accuracy"]) + float(second[-1]["test_accuracy"])) / 2
+    assert f"test accuracy {100 * mean:.2f}%" in output
+
+
 def test_ctrl_c_then_resume_finishes_the_search_and_a_trial_with_an_impossible_recipe_fails_alone(
         real_data_dir, tmp_path):
     # Dropout 1.5 cannot be trained: such trials fail (as `fmnist train --dropout 1.5` would refuse
