@@ -219,8 +219,9 @@ def _error_line(error: BaseException | None) -> str:
     return re.sub(r"^[\w.]*(Error|Exception|Failed): ", "", line)[:300]
 
 
-def trial_rows(trials, search_dir: StoragePath, settings: TrialSettings) -> list[TrialRow]:
-    """Each trial as its own run directory records it, and how it ended, best first."""
+def trial_rows(trials, interrupted: set[str], search_dir: StoragePath, settings: TrialSettings) -> list[TrialRow]:
+    """Each trial as its own run directory records it, and how it ended (``interrupted``: the ids of
+    those a Ctrl-C stopped), best first."""
     rows = []
     for trial in trials:
         run_dir = search_dir.child(f"trial_{trial.trial_id}")
@@ -232,7 +233,7 @@ def trial_rows(trials, search_dir: StoragePath, settings: TrialSettings) -> list
             row.val_accuracy, row.best_epoch = float(best["val_accuracy"]), int(best["epoch"])
         if trial.status == "ERROR":
             row.status, row.error = "failed", _error_line(trial.get_error())
-        elif trial.status == "TERMINATED":
+        elif trial.status == "TERMINATED" and trial.trial_id not in interrupted:
             row.status = "finished" if row.epochs >= settings.max_epochs else "stopped early"
         else:
             row.status = "pending"  # interrupted, or not started: a --resume runs it
@@ -331,8 +332,8 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
                                  prepare_mlflow(config.mlflow) if config.mlflow is not None else None)
         if not config.resume:
             search_dir.write(SEARCH_CONFIG_FILE, json.dumps({**asdict(config), "space_file": space}, indent=2).encode())
-        trials = _fit(config, settings, space, search_dir, concurrency, data, console)
-        rows = trial_rows(trials, search_dir, settings)
+        trials, cut_short = _fit(config, settings, space, search_dir, concurrency, data, console)
+        rows = trial_rows(trials, cut_short, search_dir, settings)
         search_dir.write("leaderboard.csv", leaderboard_csv(rows).encode())
         interrupted = len(trials) < config.trials or any(r.status == "pending" for r in rows)
         if interrupted:
@@ -346,8 +347,9 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
 
 
 def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir: StoragePath, concurrency: int,
-         data: FashionMNIST, console: Console) -> list:
-    """Run the Tuner with the live view; returns Tune's trials as the search ends."""
+         data: FashionMNIST, console: Console) -> tuple[list, set[str]]:
+    """Run the Tuner with the live view; returns Tune's trials as the search ends, and the ids of those
+    it was running when interrupted."""
     trainable = ray.tune.with_resources(
         # The trial itself only drives its Ray Train run, whose workers hold the CPUs/GPUs; it
         # reserves memory alone (Tune needs it to reserve something), for the data it hands on.
@@ -380,7 +382,7 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
                 ),
             )
         tuner.fit()
-        return view.ended_trials
+        return view.ended_trials, view.running
 
 
 def _searcher(config: SearchConfig, concurrency: int):

@@ -102,6 +102,10 @@ class SearchView(Callback):
     rows: dict[str, TrialRow] = field(default_factory=dict)
     live: Live | None = None
     ended_trials: list = field(default_factory=list)  # Tune's trials as the search ended
+    # Trials running in this process, until Tune sees them end. A Ctrl-C makes Tune mark the trials it
+    # was running TERMINATED as it stops them, though they did not end (its saved state keeps them
+    # running, so that a resume continues them): those still here at the end were interrupted.
+    running: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         super().__init__()
@@ -147,6 +151,7 @@ class SearchView(Callback):
         self.ended_trials = list(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
         self._row(trial).status = "running"
         self._update()
 
@@ -158,11 +163,13 @@ class SearchView(Callback):
         self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
         row = self._row(trial)
         row.status = "finished" if row.epochs >= self.max_epochs else "stopped early"
         self._update()
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
         self._row(trial).status = "failed"
         self._update()
 

@@ -156,10 +156,13 @@ def test_ctrl_c_then_resume_finishes_the_search_and_a_trial_with_an_impossible_r
                "--data-dir", str(real_data_dir)]
     search_dir = tmp_path / "cut"
 
-    def a_trial_done() -> bool:
-        return any(len(read_csv(h)) == 1 for h in search_dir.glob("trial_*/history.csv"))
+    def a_trial_done_and_the_next_running() -> bool:
+        # Tune marks the trials it was running "terminated" when interrupted: this one must still resume.
+        runs = list(search_dir.glob("trial_*"))
+        done = any(len(read_csv(h)) == 1 for h in search_dir.glob("trial_*/history.csv"))
+        return done and any((r / "train_config.json").exists() and not (r / "history.csv").exists() for r in runs)
 
-    code, output = tune(*options, interrupt_when=a_trial_done)
+    code, output = tune(*options, interrupt_when=a_trial_done_and_the_next_running)
     assert code == 130, output
     assert f"fmnist tune --resume --storage-path {tmp_path} --name cut" in output
     done = {h: h.stat().st_mtime_ns for h in search_dir.glob("trial_*/history.csv") if len(read_csv(h)) == 1}
