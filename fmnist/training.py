@@ -368,6 +368,30 @@ def _failures(error: ray.train.TrainingFailedError) -> str:
     return last_line(getattr(error, "controller_failure", error))
 
 
+class _Trainer(ray.train.torch.TorchTrainer):
+    """TorchTrainer with Ray Train's placement-group cleaner fitted to where it runs.
+
+    The cleaner is a detached actor that asks the dashboard's state API, once a second, whether the
+    run's controller lives, to free the workers' placement group if it dies. When the run ends, Ray
+    waits for it to stop: up to 12 s where a state-API call hangs (its timeout is 10 s). On an
+    embedded Ray it never helps (no dashboard; Ray ends with this process), so it is left out, and
+    its actor's start with it; on a cluster a call gets 1 s (the API answers in milliseconds, and a
+    late answer is asked again a second later). ``tests/test_training.py`` notices if Ray changes this.
+    """
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        callbacks = []
+        for callback in super()._create_default_callbacks():
+            if isinstance(callback, PlacementGroupCleanerCallback):
+                if is_embedded():
+                    continue
+                callback = PlacementGroupCleanerCallback(get_actor_timeout_s=1)
+            callbacks.append(callback)
+        return callbacks
+
+
 def _run_trainer(trainer, outcome: dict) -> None:
     try:
         trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
@@ -415,6 +439,10 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
     # Ray Train's controller collects each report when it polls the workers (every 2 s by
     # default) and a worker's next report waits for that: epochs would take >= 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if is_embedded():
+        # Ray Train's feature flag for its preemption watcher (an actor that polls Ray for nodes
+        # being drained): one's own machine is not taken away, and the actor's start costs a second.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
     arrays = {k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
     if config.validation:
@@ -427,7 +455,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
         "threads": config.cpus_per_worker, "progress": progress,
         **{k: getattr(config, k) for k in RECIPE_FIELDS},
     }
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(

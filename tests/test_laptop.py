@@ -7,24 +7,46 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import ray._private.utils
 
 from conftest import REPO
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_tmpdir:
+        env["RAY_TMPDIR"] = ray_tmpdir  # where its Ray keeps its session: logs, one file per worker process
     return subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
+def actors_started(ray_tmpdir: str) -> set[str]:
+    """The classes of the actors a Ray session under ``ray_tmpdir`` ran, from its workers' logs."""
+    names = set()
+    for out in Path(ray_tmpdir).glob("ray/session_*/logs/worker-*.out"):
+        names |= set(re.findall(r"^:actor_name:(\w+)$", out.read_text(), re.MULTILINE))
+    return names
+
+
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
-    done = run_cli("--epochs", "1", "--storage-path", str(tmp_path), "--name", "laptop",
-                   "--data-dir", str(real_data_dir))
+    ray_tmpdir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
+    try:
+        done = run_cli("--epochs", "1", "--storage-path", str(tmp_path), "--name", "laptop",
+                       "--data-dir", str(real_data_dir), ray_tmpdir=ray_tmpdir)
+        actors = actors_started(ray_tmpdir)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr
+    # Ray Train's helpers that only a cluster needs are not started (training._Trainer, training._fit).
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    assert not actors & {"PlacementGroupCleaner", "PreemptionWatcher"}, actors
     cores = ray._private.utils.get_num_cpus()  # what Ray counts on this machine
     saved = json.loads((tmp_path / "laptop" / "train_config.json").read_text())
     assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == (1, False, cores)
