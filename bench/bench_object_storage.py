@@ -90,7 +90,7 @@ def main() -> None:
                   "--concurrency", str(args.concurrency)]
         jobs = {"local -> local": ["--input", str(source), "--output", str(tmp / "predictions")],
                 "S3 -> S3": ["--input", "s3://bench/input", "--output", "s3://bench/predictions"]}
-        print(f"{args.rows:,} rows, batch {args.batch_size}, {args.concurrency} model actors\n")
+        print(f"{args.rows:,} rows, batch {args.batch_size}, --concurrency {args.concurrency} (CPUs)\n")
         print("| job | seconds | images/s | peak memory (PSS) | Ray Data tasks |")
         print("|---|---:|---:|---:|---|")
         throughput = {}

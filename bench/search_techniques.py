@@ -68,13 +68,14 @@ def _report(name: str, search_dir: Path) -> None:
             at_grace = [at for at, _ in figures]
             print(f"| {technique} | {group} | {len(figures)} | {100 * max(at_grace):.2f}% "
                   f"| {100 * statistics.median(at_grace):.2f}% | {100 * max(b for _, b in figures):.2f}% |")
+    rungs = sorted({e for e in (grace, 3 * grace, budget) if e <= budget})  # ASHA's first rungs and the end
     print(f"\nmore epochs: the trials that ran all {budget} (validation accuracy at epochs "
-          f"{grace}, {3 * grace}, {budget}; best)")
+          f"{', '.join(map(str, rungs))}; best)")
     for row, val in trials:
         if len(val) == budget:
+            at_rungs = ", ".join(f"{100 * val[e - 1]:.2f}%" for e in rungs)
             print(f"- {row['trial']} ({row['hidden']} {row['activation']} lr={row['lr']} {row['schedule']}): "
-                  f"{100 * val[grace - 1]:.2f}%, {100 * val[3 * grace - 1]:.2f}%, {100 * val[-1]:.2f}%; "
-                  f"best {100 * max(val):.2f}% at epoch {val.index(max(val)) + 1}")
+                  f"{at_rungs}; best {100 * max(val):.2f}% at epoch {val.index(max(val)) + 1}")
 
 
 def main() -> None:

@@ -86,6 +86,11 @@ def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> No
                    help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)g)")
 
 
+def _mlflow_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                   help=f"{help_text} (needs pip install 'fmnist[mlflow]')")
+
+
 def _config_from_args(config_class, args: argparse.Namespace):
     """A config dataclass from parsed options: each option's dest is one of its fields."""
     names = {f.name for f in dataclasses.fields(config_class)}
@@ -123,10 +128,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
-    run.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
-                     help="also log the run to MLflow: recipe, every epoch's figures, best checkpoint, plots "
-                          "(default URI: $MLFLOW_TRACKING_URI, else MLflow's local default; "
-                          "needs pip install 'fmnist[mlflow]')")
+    _mlflow_argument(run, "also log the run to MLflow: recipe, every epoch's figures, best checkpoint, plots; "
+                          "the default URI is $MLFLOW_TRACKING_URI, else MLflow's local default")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
     recipe.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
     recipe.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -315,9 +318,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--storage-path", default=d.storage_path,
                      help="where search directories go: a local/NFS path or s3://, gs:// (default %(default)s)")
     run.add_argument("--name", default=None, help="search directory name (default: tune-<date>-<time>)")
-    run.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
-                     help="also log each trial to MLflow, as train --mlflow logs a run (needs pip install "
-                          "'fmnist[mlflow]')")
+    _mlflow_argument(run, "also log each trial to MLflow, as train --mlflow logs a run")
     run.add_argument("--resume", action="store_true",
                      help="continue the search --name where it stopped (finished trials are not rerun)")
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")

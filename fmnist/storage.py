@@ -33,6 +33,12 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_run_name(name: str) -> None:
+    """--name of a run or search: one plain directory name, in ASCII (Ray Train and Tune fail on others)."""
+    if "/" in name or name in ("", ".", "..") or not name.isascii() or not name.isprintable():
+        raise InputError(f"--name {name!r} must be a plain directory name in ASCII letters, digits and punctuation")
+
+
 def write_file_whole(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file so that readers (or a crash) see the old or the new content, never a part.
 

@@ -39,7 +39,7 @@ from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
-from fmnist.storage import StoragePath
+from fmnist.storage import StoragePath, check_run_name
 
 DEFAULT_EPOCHS = 20
 CPU_WORKERS = 2  # workers on a CPU-only cluster, unless told otherwise
@@ -262,9 +262,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         name = max(started, key=started.get).split("/")[-2]
     if name is None:
         name = datetime.now().strftime("train-%Y%m%d-%H%M%S")
-    # ASCII: Ray Train cannot handle other run names.
-    if "/" in name or name in ("", ".", "..") or not name.isascii() or not name.isprintable():
-        raise InputError(f"--name {name!r} must be a plain directory name in ASCII letters, digits and punctuation")
+    check_run_name(name)
     run_dir = storage.child(name)
     if not config.resume:
         if run_dir.exists():

@@ -39,7 +39,7 @@ from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.search_space import load_space, recipe, tune_space
-from fmnist.storage import StoragePath
+from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
 from fmnist.training import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, train
 from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
@@ -166,34 +166,51 @@ def _tune_dirname(trial) -> str:
     return f"tune_{trial.trial_id}"
 
 
-class _FreeStoppedRuns(ray.tune.Callback):
-    """Removes the placement groups (the reserved CPUs/GPUs) of Ray Train runs whose controller is gone.
+def _free_stopped_runs() -> int:
+    """Removes the placement groups (the reserved CPUs/GPUs) of Ray Train runs whose controller is gone;
+    returns how many groups of runs whose controller still lives remain.
 
     When Tune stops a trial (ASHA, or the end of its budget) it ends the trial's process, and the
     Ray Train controller it started goes with it, before the controller removes its workers'
     placement group. Ray Train leaves that to a watcher that asks the dashboard's state API, which
     fails where there is no dashboard or more than one Ray instance on the machine; the group then
-    holds its resources until the search ends, and the next trials wait for them forever. GCS
-    records which groups' creator actor is dead: those are removed here, once a second.
+    holds its resources until the Ray instance ends, and the next trials (or --confirm's runs) wait
+    for them forever. GCS records which groups' creator actor is dead: those are removed.
     """
+    from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    live = 0
+    for entry in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(entry)
+        made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
+        if made_by_an_actor and not group.is_detached and group.state == PlacementGroupTableData.CREATED:
+            if group.creator_actor_dead:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            else:
+                live += 1
+    return live
+
+
+class _FreeStoppedRuns(ray.tune.Callback):
+    """Frees stopped trials' placement groups (``_free_stopped_runs``) once a second while the search runs."""
 
     def __init__(self):
         self.last = 0.0
 
     def on_step_begin(self, iteration, trials, **info):
-        if time.monotonic() - self.last < 1:
-            return
-        self.last = time.monotonic()
-        from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
-        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        if time.monotonic() - self.last >= 1:
+            self.last = time.monotonic()
+            _free_stopped_runs()
 
-        for entry in state._connect_and_get_accessor().get_placement_group_table():
-            group = PlacementGroupTableData.FromString(entry)
-            made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
-            if (made_by_an_actor and group.creator_actor_dead and not group.is_detached
-                    and group.state == PlacementGroupTableData.CREATED):
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+
+def _free_last_stopped_runs(timeout_s: float = 10) -> None:
+    """After the search: the trials Tune stopped last, whose controllers die as Tune ends, are freed too
+    (--confirm's runs would wait for their resources forever)."""
+    deadline = time.monotonic() + timeout_s
+    while _free_stopped_runs() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------- reading trials back
@@ -251,8 +268,7 @@ def _pick_search_dir(config: SearchConfig) -> tuple[StoragePath, SearchConfig]:
     if config.resume and config.name is None:
         raise InputError("--resume needs --name: the search to continue")
     name = config.name or datetime.now().strftime("tune-%Y%m%d-%H%M%S")
-    if "/" in name or name in ("", ".", "..") or not name.isascii() or not name.isprintable():
-        raise InputError(f"--name {name!r} must be a plain directory name in ASCII letters, digits and punctuation")
+    check_run_name(name)
     search_dir = storage.child(name)
     if not config.resume:
         if search_dir.exists():
@@ -382,6 +398,7 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
                 ),
             )
         tuner.fit()
+        _free_last_stopped_runs()
         return view.ended_trials, view.running
 
 

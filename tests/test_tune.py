@@ -202,3 +202,29 @@ def test_bad_input_is_one_error_line_and_makes_nothing(tmp_path, capsys, space, 
     assert main(["tune", "--storage-path", str(storage), *options]) == 2
     assert message in one_error_line(capsys)
     assert not storage.exists()  # refused before anything was made
+
+
+def test_the_cpus_of_a_run_whose_controller_died_are_freed(ray_session):
+    # Tune ends a stopped trial's process, and the Ray Train controller in it dies before removing
+    # its workers' placement group; Ray keeps such a group until the driver ends, so --confirm's
+    # runs, in the same process, would wait for those CPUs forever.
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from fmnist.tuning import _free_last_stopped_runs
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self):
+            self.group = placement_group([{"CPU": 1}])
+            ray.get(self.group.ready())
+
+    free = ray.available_resources()["CPU"]
+    controller = Controller.remote()
+    ray.get(controller.reserve.remote())
+    ray.kill(controller)
+    _free_last_stopped_runs()
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == free
