@@ -167,8 +167,8 @@ def _tune_dirname(trial) -> str:
 
 
 def _free_stopped_runs() -> int:
-    """Removes the placement groups (the reserved CPUs/GPUs) of Ray Train runs whose controller is gone;
-    returns how many groups of runs whose controller still lives remain.
+    """Removes the placement groups (the reserved CPUs/GPUs) of this search's Ray Train runs whose
+    controller is gone; returns how many groups of its runs whose controller still lives remain.
 
     When Tune stops a trial (ASHA, or the end of its budget) it ends the trial's process, and the
     Ray Train controller it started goes with it, before the controller removes its workers'
@@ -182,10 +182,12 @@ def _free_stopped_runs() -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     live = 0
+    job = ray.get_runtime_context().get_job_id()  # on a shared cluster, other jobs' groups are theirs
     for entry in state._connect_and_get_accessor().get_placement_group_table():
         group = PlacementGroupTableData.FromString(entry)
         made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
-        if made_by_an_actor and not group.is_detached and group.state == PlacementGroupTableData.CREATED:
+        if (ray.JobID(group.creator_job_id).hex() == job and made_by_an_actor and not group.is_detached
+                and group.state == PlacementGroupTableData.CREATED):
             if group.creator_actor_dead:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
             else:
@@ -206,8 +208,8 @@ class _FreeStoppedRuns(ray.tune.Callback):
 
 
 def _free_last_stopped_runs(timeout_s: float = 10) -> None:
-    """After the search: the trials Tune stopped last, whose controllers die as Tune ends, are freed too
-    (--confirm's runs would wait for their resources forever)."""
+    """Before --confirm's runs (which would wait for their resources forever): the runs of the trials
+    Tune stopped last, whose controllers die as Tune ends, are freed too."""
     deadline = time.monotonic() + timeout_s
     while _free_stopped_runs() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -398,7 +400,6 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
                 ),
             )
         tuner.fit()
-        _free_last_stopped_runs()
         return view.ended_trials, view.running
 
 
@@ -445,6 +446,7 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     from fmnist.cli import _train_config, build_parser
 
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
+    _free_last_stopped_runs()
     # One run at a time: on your own machine each may use every core (threads leave the recipe as it is).
     cores = int(ray.cluster_resources().get("CPU", 1)) // settings.workers_per_trial if is_embedded() else 0
     settings = replace(settings, validation=0, cpus_per_worker=max(settings.cpus_per_worker, cores))
