@@ -9,7 +9,9 @@ marginal wall-clock cost of an epoch, (T(M) - T(N)) / (M - N) between the fewest
 epochs: it includes evaluation, checkpoint and report, which `train_seconds` leaves out.
 Everything after ``--`` goes to `fmnist train` as it is (e.g. ``-- --num-workers 2``).
 With ``--pipeline`` each run is `workflows/pipeline.py` instead, and the seconds its scoring of
-the test set took (Ray already up, as the pipeline's "Scored ... in S s" line says) are reported too.
+the test set took (Ray already up, as the pipeline's "Scored ... in S s" line says) are reported
+too, with the whole scoring stage (from its heading to the evaluation's: the checkpoint's load,
+Ray Data's start and the commit of the output included).
 """
 
 from __future__ import annotations
@@ -51,13 +53,19 @@ def run_once(workflow: str, epochs: int, options: list[str], storage: str) -> di
         scored = SCORED.match(line)
         if scored:
             seen["scoring"] = float(scored.group(1))
+        for stage in ("Scoring the test set", "Evaluation"):
+            if stage in line and line.lstrip().startswith("─"):
+                seen[stage] = now
     proc.wait()
     end = time.monotonic() - start
     if proc.returncode != 0 or len(seen) < 3:
         sys.exit(f"fmnist train failed (exit {proc.returncode}):\n{''.join(output[-20:])}")
     steps = dict(zip(STEPS, (seen["header"], seen["first"] - seen["header"], seen["last"] - seen["first"],
                              end - seen["last"], end)))
-    return steps | ({"scoring the test set": seen["scoring"]} if "scoring" in seen else {})
+    if "scoring" not in seen:
+        return steps
+    return steps | {"scoring the test set": seen["scoring"],
+                    "the scoring stage": seen["Evaluation"] - seen["Scoring the test set"]}
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
     python bench/bench_scoring.py [--rows 10000 100000 1000000 3000000] [--rounds 3] [--batch-size 1024]
 
 Input: the 10,000 test images repeated to each row count, as one Parquet file (id, label,
-image as 784 uint8 pixels; row groups of 10,000). Both jobs read it, run the model and write
-the predictions as Parquet; the Ray job is ``workflows/score.py``, the plain one is
-``plain_job`` below (pyarrow read, torch forward, pyarrow write, in one process).
+image as 784 uint8 pixels; row groups of 10,000). The jobs read it, run the model and write
+the predictions as Parquet; the Ray job is ``workflows/score.py``, the plain ones are
+``plain_job`` below (pyarrow read, forward pass, pyarrow write, in one process): "plain" runs the
+forward pass in torch, as a user's own script would (the baseline the targets are set against),
+"plain, numpy" in numpy as the Ray job's tasks do, which tells Ray's own cost from the forward pass's.
 
 Each job is timed as a whole process, Python start to exit (imports, Ray start, the job,
 Ray shutdown). Peak memory is the highest sum, over the process and all its descendants
@@ -31,25 +33,33 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fmnist.checkpoints import load_model, save_checkpoint  # noqa: E402
 from fmnist.data import load_test_split  # noqa: E402
-from fmnist.model import Classifier, ModelConfig  # noqa: E402
+from fmnist.model import Classifier, ModelConfig, normalize  # noqa: E402
 from fmnist.score_inputs import batch_pixels  # noqa: E402
-from fmnist.scoring import PREDICTIONS_SCHEMA, predict  # noqa: E402
+from fmnist.scoring import PREDICTIONS_SCHEMA, predictions_table  # noqa: E402
 
 
-def plain_job(checkpoint: str, source: str, output: str, batch_size: int) -> None:
-    """The same work as the Ray job, in one process: read a batch, score it, write it.
+def plain_job(checkpoint: str, source: str, output: str, batch_size: int, forward: str) -> None:
+    """The same work as the Ray job, in one process: read a batch, score it (``forward``: torch
+    or numpy, on all cores), write it.
 
     Row group by row group, one output file each: pyarrow's reader reads ahead through all the
     row groups it is given, and its writer holds on to memory as a file grows.
     """
     model = load_model(checkpoint)
     config = model.config
+    if forward == "numpy":
+        log_probabilities = model.to_numpy().log_probabilities
+    else:
+        def log_probabilities(pixels):
+            with torch.inference_mode():
+                return model(normalize(torch.from_numpy(pixels), config)).numpy()
     Path(output).mkdir(parents=True)
     parquet = pq.ParquetFile(source)
     for group in range(parquet.num_row_groups):
@@ -58,7 +68,7 @@ def plain_job(checkpoint: str, source: str, output: str, batch_size: int) -> Non
                 images = pa.table({"id": batch["id"], "path": pa.nulls(batch.num_rows, pa.string()),
                                    "label": batch["label"], "image": batch["image"]})
                 pixels, _, _ = batch_pixels(images)
-                writer.write_table(predict(model, config, images, pixels))
+                writer.write_table(predictions_table(images, log_probabilities(pixels), config.class_names))
 
 
 def write_input(path: Path, rows: int) -> None:
@@ -104,10 +114,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=None, help="scoring tasks at once (default: the product's)")
-    parser.add_argument("--plain-job", nargs=3, metavar=("CHECKPOINT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain-job", nargs=4, metavar=("CHECKPOINT", "INPUT", "OUTPUT", "FORWARD"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_job:
-        plain_job(*args.plain_job, batch_size=args.batch_size)
+        plain_job(*args.plain_job[:3], batch_size=args.batch_size, forward=args.plain_job[3])
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,8 +131,9 @@ def main() -> None:
             "Ray Data": lambda src, out: [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint",
                                           str(checkpoint), "--input", str(src), "--output", str(out),
                                           "--batch-size", str(args.batch_size), *concurrency],
-            "plain": lambda src, out: [sys.executable, __file__, "--batch-size", str(args.batch_size),
-                                       "--plain-job", str(checkpoint), str(src), str(out)],
+            **{name: lambda src, out, forward=forward: [sys.executable, __file__, "--batch-size", str(args.batch_size),
+                                                         "--plain-job", str(checkpoint), str(src), str(out), forward]
+               for name, forward in (("plain", "torch"), ("plain, numpy", "numpy"))},
         }
         for rows in args.rows:
             write_input(tmp / f"input-{rows}.parquet", rows)
@@ -143,12 +155,14 @@ def main() -> None:
                 peak = statistics.median(p for _, p in runs[rows, name])
                 print(f"| {rows:,} | {name} | {seconds[rows, name]:.1f} | {rows / seconds[rows, name]:,.0f} | "
                       f"{peak / 2**20:,.0f} MiB |")
-            print(f"| {rows:,} | Ray / plain | | {seconds[rows, 'plain'] / seconds[rows, 'Ray Data']:.2f}x | |")
+            for plain in ("plain", "plain, numpy"):
+                print(f"| {rows:,} | Ray / {plain} | | {seconds[rows, plain] / seconds[rows, 'Ray Data']:.2f}x | |")
         if len(args.rows) > 1:
             low, high = sorted(args.rows)[-2:]
             marginal = {name: (high - low) / (seconds[high, name] - seconds[low, name]) for name in jobs}
-            print(f"\nmarginal throughput, {low:,} -> {high:,} rows: Ray Data {marginal['Ray Data']:,.0f} images/s, "
-                  f"plain {marginal['plain']:,.0f} images/s: {marginal['Ray Data'] / marginal['plain']:.2f}x")
+            print(f"\nmarginal throughput, {low:,} -> {high:,} rows: " + ", ".join(
+                f"{name} {marginal[name]:,.0f} images/s" for name in jobs) + "; Ray / plain " + ", ".join(
+                f"{marginal['Ray Data'] / marginal[plain]:.2f}x" for plain in ("plain", "plain, numpy")))
 
 if __name__ == "__main__":
     main()

@@ -98,7 +98,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.model import ACTIVATIONS
+    from fmnist.model_config import ACTIVATIONS
     from fmnist.training import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 
     d = TrainConfig()
@@ -136,7 +136,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="global batch size, split across workers (default %(default)s)")
     recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
                         help="hidden layer widths (default 256,128,64)")
-    recipe.add_argument("--activation", choices=tuple(ACTIVATIONS), default=d.activation,
+    recipe.add_argument("--activation", choices=ACTIVATIONS, default=d.activation,
                         help="activation after each hidden layer (default %(default)s)")
     recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
     recipe.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay,

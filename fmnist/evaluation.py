@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fmnist.errors import InputError
-from fmnist.model import CLASS_NAMES
+from fmnist.model_config import CLASS_NAMES
 from fmnist.outputs import incomplete, read_committed
 from fmnist.storage import StoragePath, describe_error
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from fmnist.errors import InputError
 from fmnist.evaluation import ConfusedPair, Evaluation, prediction_files, write_report_file
 from fmnist.images import UnreadableImage, read_image
-from fmnist.model import CLASS_NAMES
+from fmnist.model_config import CLASS_NAMES
 from fmnist.score_inputs import images_by_id, open_input
 from fmnist.storage import StoragePath
 

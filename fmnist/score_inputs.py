@@ -29,7 +29,7 @@ from fmnist.data import load_test_split
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
 from fmnist.images import IMAGE_SUFFIXES, UnreadableImage, read_image
-from fmnist.model import IMAGE_PIXELS
+from fmnist.model_config import IMAGE_PIXELS
 from fmnist.outputs import incomplete, read_committed
 from fmnist.storage import StoragePath, describe_error
 

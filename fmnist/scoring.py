@@ -19,25 +19,27 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fmnist.checkpoints import load_checkpoint, resolve_checkpoint
 from fmnist.cluster import file_task_options, is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
-from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.model_config import ModelConfig
+from fmnist.numpy_model import NumpyClassifier
 from fmnist.score_inputs import ScoringInput, open_input, readable_rows, to_dataset
 from fmnist.outputs import StagedOutput
 from fmnist.storage import StoragePath, describe_error
+
+if TYPE_CHECKING:
+    from fmnist.model import Classifier
 
 PREDICTIONS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -83,24 +85,20 @@ class ScoreResult:
 # ----------------------------------------------------------------------------- the model
 
 
-@torch.inference_mode()
-def predict(model: Classifier, config: ModelConfig, batch: pa.Table, pixels: np.ndarray) -> pa.Table:
-    """Predictions (PREDICTIONS_SCHEMA) for a batch's id/path/label and its (N, 784) uint8 pixels."""
-    if len(pixels) == 0:  # every image of the batch was skipped (--skip-bad)
+def predictions_table(batch: pa.Table, log_probs: np.ndarray, class_names: tuple[str, ...]) -> pa.Table:
+    """Predictions (PREDICTIONS_SCHEMA) for a batch's id/path/label and the (N, classes) log-probabilities
+    of its readable images."""
+    if len(log_probs) == 0:  # every image of the batch was skipped (--skip-bad)
         return PREDICTIONS_SCHEMA.empty_table()
-    device = next(model.parameters()).device
-    log_probs = model(normalize(torch.from_numpy(pixels), config).to(device))
-    prediction = log_probs.argmax(dim=1)  # on log-probabilities, as training's accuracy does
-    probabilities = log_probs.exp()
-    confidence = probabilities.gather(1, prediction[:, None])[:, 0]
-    prediction, probabilities, confidence = (t.cpu().numpy() for t in (prediction, probabilities, confidence))
+    prediction = log_probs.argmax(axis=1)  # on log-probabilities, as training's accuracy does
+    probabilities = np.exp(log_probs)
     n, classes = probabilities.shape
     offsets = pa.array(np.arange(0, (n + 1) * classes, classes, dtype=np.int32))
     return pa.table([
         batch["id"], batch["path"], batch["label"],
         pa.array(prediction, pa.int64()),
-        pc.take(pa.array(config.class_names), pa.array(prediction)),
-        pa.array(confidence),
+        pc.take(pa.array(class_names), pa.array(prediction)),
+        pa.array(probabilities[np.arange(n), prediction]),
         pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1))),
     ], schema=PREDICTIONS_SCHEMA)
 
@@ -123,42 +121,46 @@ class _Tally:
 
 # This worker process's model, kept for its next tasks: {ObjectRef hex: model}. One at a time: a
 # later job's model (another object) replaces it.
-_loaded_model: dict[str, Classifier] = {}
+_loaded_model: dict[str, NumpyClassifier] = {}
 
 
-def _model(model_ref: ray.ObjectRef, device: str) -> Classifier:
-    key = model_ref.hex()
-    if key not in _loaded_model:
-        _loaded_model.clear()
-        _loaded_model[key] = ray.get(model_ref).to(device)
-    return _loaded_model[key]
-
-
-def score_block(block: pa.Table, model: Classifier, config: ModelConfig, batch_size: int,
+def score_block(block: pa.Table, model, config: ModelConfig, batch_size: int,
                 tally: ray.actor.ActorHandle, skip_bad: bool) -> Iterator[pa.Table]:
-    """Predictions for a block of input rows, ``batch_size`` rows at a time."""
+    """Predictions for a block of input rows, ``batch_size`` rows at a time, by ``model``'s
+    log_probabilities: (N, 784) uint8 pixels -> (N, classes)."""
     for start in range(0, len(block), batch_size):
         batch, pixels = readable_rows(block.slice(start, batch_size), tally, skip_bad)
-        predictions = predict(model, config, batch, pixels)
+        predictions = predictions_table(batch, model.log_probabilities(pixels), config.class_names)
         tally.add.remote(len(predictions), [])
         yield predictions
 
 
 def _score_on_cpu(block: pa.Table, model_ref: ray.ObjectRef, **options) -> Iterator[pa.Table]:
-    """A Ray Data task's predictions for a block, by the model its worker process already holds."""
-    torch.set_num_threads(1)  # the task reserves one CPU
-    yield from score_block(block, _model(model_ref, "cpu"), **options)
+    """A Ray Data task's predictions for a block, by the numpy model its worker process already holds."""
+    key = model_ref.hex()
+    if key not in _loaded_model:
+        _loaded_model.clear()
+        _loaded_model[key] = ray.get(model_ref)
+    yield from score_block(block, _loaded_model[key], **options)
 
 
 class GPUPredictor:
-    """A Ray Data model actor on a GPU: loads the model once, then scores one batch per call."""
+    """A Ray Data model actor on a GPU: loads the torch model once, then scores one batch per call."""
 
     def __init__(self, model_ref: ray.ObjectRef, **options):
-        self.model = _model(model_ref, "cuda")
+        self.model = ray.get(model_ref).to("cuda")
         self.options = options
 
+    def log_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        import torch  # GPU actors alone run torch: CPU scoring does without it
+
+        from fmnist.model import normalize
+
+        with torch.inference_mode():
+            return self.model(normalize(torch.from_numpy(pixels), self.model.config).cuda()).cpu().numpy()
+
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        yield from score_block(batch, self.model, **self.options)
+        yield from score_block(batch, self, **self.options)
 
 
 # ----------------------------------------------------------------------------- output and console
@@ -216,6 +218,8 @@ def _quiet_ray_data_console() -> None:
 
 def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Score ``config.input`` with the model of ``config.checkpoint`` into Parquet at ``config.output``."""
+    from fmnist.checkpoints import load_checkpoint, resolve_checkpoint  # torch: the driver's, not the workers'
+
     console = console or Console()
     output = _output_dir(config)
     checkpoint = resolve_checkpoint(config.checkpoint)
@@ -270,7 +274,7 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
                  console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> predictions; and their tally.
 
-    On CPUs the model runs in Ray Data tasks that Ray fuses with the read and the write where they
+    On CPUs the model runs in numpy, in Ray Data tasks that Ray fuses with the read and the write where they
     may run on the same node (embedded Ray, object storage): a block then never crosses the object
     store. On GPUs, in one actor per GPU, which loads the model once.
     """
@@ -283,9 +287,10 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
         wait_for_resources({"CPU": 1}, 1, "scoring", "add a node with CPUs",
                            0 if is_embedded() else config.resource_timeout_s, console)
     tally = _Tally.remote()
-    # Each task (or actor) gets the model as this one object, not a copy in its arguments.
-    options = dict(model_ref=ray.put(model), config=model_config, batch_size=config.batch_size, tally=tally,
-                   skip_bad=config.skip_bad)
+    # Each task (or actor) gets the model as this one object, not a copy in its arguments: on CPUs
+    # as numpy arrays, so that the tasks' worker processes need not import torch.
+    options = dict(model_ref=ray.put(model if config.use_gpu else model.to_numpy()), config=model_config,
+                   batch_size=config.batch_size, tally=tally, skip_bad=config.skip_bad)
     blocks = to_dataset(source, config.batch_size, tally, config.skip_bad)
     if config.use_gpu:
         predictions = blocks.map_batches(GPUPredictor, fn_constructor_kwargs=options,

@@ -1,9 +1,12 @@
 """The classifier: shapes, log-probabilities, options."""
 
+import numpy as np
+import pytest
 import torch
 
 from fmnist import CLASS_NAMES
 from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.model_config import ACTIVATIONS
 
 
 def test_default_architecture_is_the_tutorials():
@@ -42,10 +45,27 @@ def test_normalize_maps_pixels_to_minus_one_one():
 def test_the_activation_is_an_option_and_old_configs_mean_relu():
     x = torch.randn(4, 784)
     outputs = {}
-    for activation in ("relu", "gelu", "silu", "leaky_relu"):
+    for activation in ACTIVATIONS:
         torch.manual_seed(0)
         outputs[activation] = Classifier(ModelConfig(hidden=(8,), activation=activation)).eval()(x)
     assert len({tuple(o.flatten().tolist()) for o in outputs.values()}) == 4  # same weights, four networks
     old = ModelConfig().to_dict()
     del old["activation"]  # a checkpoint saved before the option existed
     assert ModelConfig.from_dict(old).activation == "relu"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_numpy_forward_pass_gives_the_torch_models_outputs(activation):
+    # CPU scoring runs the network in numpy (fmnist.numpy_model): same log-probabilities, same predictions.
+    torch.manual_seed(0)
+    model = Classifier(ModelConfig(hidden=(64, 32), activation=activation, mean=0.3, std=0.4)).eval()
+    with torch.no_grad():
+        for layer in (*model.hidden, model.output):
+            layer.weight.mul_(3)  # larger pre-activations than at initialization, as after training
+    pixels = torch.randint(0, 256, (500, 784), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(normalize(pixels, model.config)).numpy()
+    got = model.to_numpy().log_probabilities(pixels.numpy())
+    assert got.dtype == np.float32 and got.shape == (500, 10)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()

@@ -346,3 +346,11 @@ def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, test_s
     assert run.returncode == 0, run.stderr
     assert "TaskPoolMapOperator[Read_ParquetRowGroups->MapBatches(_score_on_cpu)->Write]" in run.stdout + run.stderr
     assert read_predictions(tmp_path / "predictions")["id"].to_pylist() == list(range(3000))
+
+
+def test_cpu_scoring_modules_import_without_torch():
+    # A CPU scoring task's worker process imports fmnist.scoring (and what it imports) to run it;
+    # torch would cost every such process 1.5 s of its start (bench/RESULTS.md, "Batch scoring").
+    code = "import sys, fmnist.scoring; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]"
