@@ -74,7 +74,7 @@ class ScoreResult:
     checkpoint: str  # the checkpoint directory that was used
     rows: int
     files: int
-    seconds: float  # the Ray Data job, from its start to the last file written
+    seconds: float  # the Ray Data job, from its set-up (the input's blocks, the model's) to the output's commit
     skipped: list[str]  # unreadable images, with the reason, when skip_bad
 
     @property
@@ -233,9 +233,10 @@ def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
             if not config.verbose:
                 _quiet_ray_data_console()
             with _cpu_limit(config):
+                start = time.monotonic()
                 predictions, tally = _predictions(config, model, model_config, source, console)
                 try:
-                    result = _write(predictions, tally, source.rows, staged, checkpoint, config, console)
+                    result = _write(predictions, tally, source.rows, staged, checkpoint, config, console, start)
                 finally:
                     ray.kill(tally)  # it would outlive the job in a Ray session that goes on
         finally:
@@ -317,10 +318,10 @@ def _cpu_limit(config: ScoreConfig) -> Iterator[None]:
 
 
 def _write(predictions: ray.data.Dataset, tally: ray.actor.ActorHandle, total: int, staged: StagedOutput,
-           checkpoint: StoragePath, config: ScoreConfig, console: Console) -> ScoreResult:
-    """Run the pipeline into Parquet files in ``staged``, and commit them to the output."""
+           checkpoint: StoragePath, config: ScoreConfig, console: Console, start: float) -> ScoreResult:
+    """Run the pipeline (set up at monotonic time ``start``) into Parquet files in ``staged``, and
+    commit them to the output."""
     schema = PREDICTIONS_SCHEMA.with_metadata({CHECKPOINT_METADATA_KEY: checkpoint.uri.encode()})
-    start = time.monotonic()
     staging = staged.dir
     with _progress(console, tally, total):
         try:
