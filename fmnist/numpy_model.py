@@ -19,7 +19,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * (1 - poly * np.exp(-x * x))
 
 
-ACTIVATIONS = {  # as torch.nn.functional's, with its defaults
+ACTIVATION_FUNCTIONS = {  # as torch.nn.functional's, with its defaults
     "relu": lambda x: np.maximum(x, 0),
     "gelu": lambda x: 0.5 * x * (1 + _erf(x / np.sqrt(np.float32(2)))),
     "silu": lambda x: 0.5 * x * (1 + np.tanh(x / 2)),  # x * sigmoid(x), without exp's overflow
@@ -37,7 +37,7 @@ class NumpyClassifier:
     def log_probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 784) uint8 pixels -> (N, classes) float32 log-probabilities."""
         x = (pixels.astype(np.float32) / 255 - np.float32(self.config.mean)) / np.float32(self.config.std)
-        activation = ACTIVATIONS[self.config.activation]
+        activation = ACTIVATION_FUNCTIONS[self.config.activation]
         for weight, bias in self.layers[:-1]:
             x = activation(x @ weight + bias)
         weight, bias = self.layers[-1]
