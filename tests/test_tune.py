@@ -228,3 +228,27 @@ def test_the_cpus_of_a_run_whose_controller_died_are_freed(ray_session):
     while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("CPU", 0) == free
+
+
+def test_a_search_on_object_storage_keeps_everything_in_the_bucket_and_resumes_from_it(
+        s3_server, bucket, real_data_dir, tmp_path):
+    # A cluster's search: trials, Tune's state, the leaderboard and --confirm's runs in the bucket.
+    space = write_space(tmp_path / "space.json", {"depth": 1, "width": 16, "lr": {"loguniform": [1e-4, 0.005]}})
+    storage = f"s3://{bucket}/searches"
+    options = ["--storage-path", storage, "--name", "remote", "--data-dir", str(real_data_dir)]
+    code, output = tune("--trials", "2", "--max-epochs", "2", "--grace-period", "1", "--workers-per-trial", "1",
+                        "--concurrency", "2", "--validation", "1000", "--no-gpu", "--space", space, *options,
+                        cwd=tmp_path)
+    assert code == 0, output
+    keys = set(s3_server.keys(bucket, "searches/remote/"))
+    board = list(csv.DictReader(s3_server.get(bucket, "searches/remote/leaderboard.csv").decode().splitlines()))
+    assert len(board) == 2 and {row["status"] for row in board} <= {"finished", "stopped early"}
+    for row in board:
+        assert row["run_dir"] == f"{storage}/remote/trial_{row['trial']}"
+        assert f"searches/remote/trial_{row['trial']}/history.csv" in keys
+    assert {f"searches/remote/{name}" for name in ("best_config.json", "search_config.json", "tuner.pkl")} <= keys
+    assert [p.name for p in tmp_path.iterdir()] == ["space.json"]  # nothing of the search written here
+
+    code, output = tune("--resume", "--confirm", "1", *options, cwd=tmp_path)
+    assert code == 0, output
+    assert "searches/remote/confirm_seed0/history.csv" in s3_server.keys(bucket, "searches/remote/confirm_seed0/")
