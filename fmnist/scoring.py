@@ -124,7 +124,7 @@ class _Tally:
 _loaded_model: dict[str, NumpyClassifier] = {}
 
 
-def score_block(block: pa.Table, model, config: ModelConfig, batch_size: int,
+def score_block(block: pa.Table, model: NumpyClassifier | GPUPredictor, config: ModelConfig, batch_size: int,
                 tally: ray.actor.ActorHandle, skip_bad: bool) -> Iterator[pa.Table]:
     """Predictions for a block of input rows, ``batch_size`` rows at a time, by ``model``'s
     log_probabilities: (N, 784) uint8 pixels -> (N, classes)."""
@@ -136,7 +136,10 @@ def score_block(block: pa.Table, model, config: ModelConfig, batch_size: int,
 
 
 def _score_on_cpu(block: pa.Table, model_ref: ray.ObjectRef, **options) -> Iterator[pa.Table]:
-    """A Ray Data task's predictions for a block, by the numpy model its worker process already holds."""
+    """A Ray Data task's predictions for a block, by the numpy model its worker process already holds.
+
+    One thread, as the task reserves one CPU: Ray starts its workers with OMP_NUM_THREADS=1 (unless
+    the user set it), which numpy's BLAS follows."""
     key = model_ref.hex()
     if key not in _loaded_model:
         _loaded_model.clear()
