@@ -33,14 +33,13 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fmnist.checkpoints import load_model, save_checkpoint  # noqa: E402
 from fmnist.data import load_test_split  # noqa: E402
-from fmnist.model import Classifier, ModelConfig, normalize  # noqa: E402
+from fmnist.model import Classifier, ModelConfig  # noqa: E402
 from fmnist.score_inputs import batch_pixels  # noqa: E402
 from fmnist.scoring import PREDICTIONS_SCHEMA, predictions_table  # noqa: E402
 
@@ -54,12 +53,7 @@ def plain_job(checkpoint: str, source: str, output: str, batch_size: int, forwar
     """
     model = load_model(checkpoint)
     config = model.config
-    if forward == "numpy":
-        log_probabilities = model.to_numpy().log_probabilities
-    else:
-        def log_probabilities(pixels):
-            with torch.inference_mode():
-                return model(normalize(torch.from_numpy(pixels), config)).numpy()
+    log_probabilities = model.to_numpy().log_probabilities if forward == "numpy" else model.log_probabilities
     Path(output).mkdir(parents=True)
     parquet = pq.ParquetFile(source)
     for group in range(parquet.num_row_groups):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,13 @@ class Classifier(nn.Module):
         for layer in self.hidden:
             x = self.dropout(self.activation(layer(x)))
         return F.log_softmax(self.output(x), dim=1)
+
+    @torch.inference_mode()
+    def log_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 784) uint8 pixels -> (N, classes) log-probabilities, run on the model's device: as
+        NumpyClassifier's, for scoring."""
+        device = next(self.parameters()).device
+        return self(normalize(torch.from_numpy(pixels), self.config).to(device)).cpu().numpy()
 
     def to_numpy(self) -> NumpyClassifier:
         """The same network for scoring on CPUs without torch (evaluation mode)."""

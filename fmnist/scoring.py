@@ -124,7 +124,7 @@ class _Tally:
 _loaded_model: dict[str, NumpyClassifier] = {}
 
 
-def score_block(block: pa.Table, model: NumpyClassifier | GPUPredictor, config: ModelConfig, batch_size: int,
+def score_block(block: pa.Table, model: NumpyClassifier | Classifier, config: ModelConfig, batch_size: int,
                 tally: ray.actor.ActorHandle, skip_bad: bool) -> Iterator[pa.Table]:
     """Predictions for a block of input rows, ``batch_size`` rows at a time, by ``model``'s
     log_probabilities: (N, 784) uint8 pixels -> (N, classes)."""
@@ -154,16 +154,8 @@ class GPUPredictor:
         self.model = ray.get(model_ref).to("cuda")
         self.options = options
 
-    def log_probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        import torch  # GPU actors alone run torch: CPU scoring does without it
-
-        from fmnist.model import normalize
-
-        with torch.inference_mode():
-            return self.model(normalize(torch.from_numpy(pixels), self.model.config).cuda()).cpu().numpy()
-
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        yield from score_block(batch, self, **self.options)
+        yield from score_block(batch, self.model, **self.options)
 
 
 # ----------------------------------------------------------------------------- output and console

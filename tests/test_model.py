@@ -65,6 +65,7 @@ def test_the_numpy_forward_pass_gives_the_torch_models_outputs(activation):
     pixels = torch.randint(0, 256, (500, 784), dtype=torch.uint8)
     with torch.no_grad():
         expected = model(normalize(pixels, model.config)).numpy()
+    np.testing.assert_array_equal(model.log_probabilities(pixels.numpy()), expected)  # the GPU actors' path
     got = model.to_numpy().log_probabilities(pixels.numpy())
     assert got.dtype == np.float32 and got.shape == (500, 10)
     np.testing.assert_allclose(got, expected, atol=2e-5)
