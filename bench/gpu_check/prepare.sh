@@ -82,7 +82,7 @@ Call 1 (starts the machine, leaves .gpu/part1 on it; prints the GPU and versions
   timeout_s: 120
   command:   ls -la .gpu/part1 && nvidia-smi -L && python3 -m pip list 2>/dev/null | grep -iE '^(torch|numpy|pandas|pyarrow|typing.extensions|protobuf|msgpack|attrs|packaging) '
 
-Call 2 (joins and installs Ray, trains, scores and evaluates on the GPU; ~2-4 min expected):
+Call 2 (joins and installs Ray, then every step of run.sh on the GPU; it took 287 s on 2026-12-04):
   carry:     [".gpu/part2"]
   timeout_s: 480
   command:   bash bench/gpu_check/run.sh

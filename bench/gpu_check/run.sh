@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: train 5 epochs with Ray Train on the GPU, score the 10,000 test images with Ray Data
-# on it, evaluate the predictions, and print train s/epoch and scoring images/s.
+# on it, evaluate the predictions and check them against a CPU forward pass (check_predictions.py),
+# time the model step alone (model_step.py) and a 1M-row Parquet scoring job, then print train
+# s/epoch, start-up, scoring images/s and GPU memory (summary.py).
 #
 # On the device (H200, no Ray, no internet), after `bash bench/gpu_check/prepare.sh` here (which
 # prints these calls), two `run` calls, the second at once after the first: only a machine still
@@ -8,11 +10,11 @@
 #   1. carry [".gpu/part1"], timeout_s 120: something trivial, e.g. ls -la .gpu/part1 && nvidia-smi -L
 #   2. carry [".gpu/part2"], timeout_s 480: bash bench/gpu_check/run.sh
 # Local dry run on CPU (needs the kit's data, so prepare.sh first):
-#   OUT=/tmp/gpucheck-out GPU_FLAG=--no-gpu SKIP_WHEELS=1 PYTHON=.venv/bin/python EPOCHS=1 bash bench/gpu_check/run.sh
+#   OUT=/tmp/gpucheck-out GPU_FLAG=--no-gpu SKIP_WHEELS=1 PYTHON=.venv/bin/python EPOCHS=1 ROWS=20000 bash bench/gpu_check/run.sh
 #
 # Settings (environment): OUT (required; the device sets it), PYTHON (python3), GPU_FLAG
 # (--use-gpu; --no-gpu for CPU), SKIP_WHEELS (1: Ray is importable already), EPOCHS (5),
-# MIN_ACCURACY (0.75: a GPU run that learns nothing fails), STEP_TIMEOUT (240 s per step),
+# MIN_ACCURACY (0.75: a GPU run that learns nothing fails), ROWS (1000000), STEP_TIMEOUT (240 s per step),
 # WORK (/tmp/gpu_check_work: run directory and predictions; too many files to come back in $OUT).
 # Exit status: 0 when every step passed, else the failed step's (3: the kit is incomplete).
 set -euo pipefail
@@ -23,6 +25,7 @@ PYTHON=${PYTHON:-python3}
 GPU_FLAG=${GPU_FLAG:---use-gpu}
 EPOCHS=${EPOCHS:-5}
 MIN_ACCURACY=${MIN_ACCURACY:-0.75}
+ROWS=${ROWS:-1000000}  # rows of the Parquet scoring job and of model_step.py
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 WORK=${WORK:-/tmp/gpu_check_work}
 SITE=/tmp/site
@@ -31,15 +34,29 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0  # no internet there: no usa
 export COLUMNS=${COLUMNS:-160}  # rich wraps at 80 columns off a terminal, splitting the lines we parse
 
 step() {  # step NAME COMMAND...: run it (a program under a time limit), log its output and wall time
-  local name=$1 t0 rc=0 limit=(timeout -k 10 "$STEP_TIMEOUT")
+  local name=$1 t0 rc=0 sampler="" limit=(timeout -k 10 "$STEP_TIMEOUT")
   shift
   declare -F "$1" >/dev/null && limit=()  # a shell function: timeout cannot run one
   echo; echo "=== $name: $*"
+  if command -v nvidia-smi >/dev/null; then  # GPU memory in use, every 0.2 s, for the summary's peak
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$WORK/$name.gpu_mib" 2>/dev/null &
+    sampler=$!
+  fi
   t0=$(date +%s.%N)
-  "${limit[@]}" "$@" 2>&1 | tee "$WORK/$name.out" || rc=$?
+  "${limit[@]}" "$@" 2>&1 | stamp "$WORK/$name.stamped" | tee "$WORK/$name.out" || rc=$?
   awk -v n="$name" -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%s %.2f\n", n, b - a}' >>"$WORK/wall_seconds.txt"
+  [[ -z $sampler ]] || kill "$sampler" 2>/dev/null || true
   ((rc != 124)) || echo "=== $name: over STEP_TIMEOUT=$STEP_TIMEOUT s"
-  ((rc == 0)) || { echo "=== $name FAILED (exit $rc)"; return "$rc"; }
+  ((rc == 0)) || { echo "=== $name FAILED (exit $rc)"; echo "failed: $name $rc" >>"$WORK/failed.txt"; return "$rc"; }
+}
+
+stamp() {  # stamp FILE: pass stdin through, and write each line to FILE after the seconds since the start
+  python3 -u -c 'import sys, time
+start, stamped = time.monotonic(), open(sys.argv[1], "w")
+for line in sys.stdin:
+    sys.stdout.write(line)
+    stamped.write(f"{time.monotonic() - start:.2f} {line}")
+    stamped.flush()' "$1"
 }
 
 # Join Ray's wheel from the two parts, and install the kit's wheels into $SITE. Every command is
@@ -112,58 +129,39 @@ else:
     sys.exit(1 if sys.argv[1] == "--use-gpu" else 0)  # fail now, not inside Ray
 EOF
 
-  # The workflow scripts, as a user runs them (the package is not installed there).
+  # The workflow scripts, as a user runs them (the package is not installed there). Training must
+  # pass; after it, a failed step is recorded (failed.txt) and the independent ones still run.
   step train "$PYTHON" workflows/train.py --epochs "$EPOCHS" --num-workers 1 "$GPU_FLAG" \
     --storage-path "$WORK/runs" --name gpu
   cp "$WORK/runs/gpu/history.csv" "$WORK/runs/gpu/loss_curve.png" "$OUT/"
+  local failed=0 run="$WORK/runs/gpu"
 
   # score has --use-gpu but no --no-gpu; with --use-gpu it runs one model actor per GPU.
   local score_gpu=()
   [[ $GPU_FLAG == --use-gpu ]] && score_gpu=(--use-gpu)
-  step score "$PYTHON" workflows/score.py --checkpoint "$WORK/runs/gpu" --input test \
-    --output "$WORK/predictions" "${score_gpu[@]}"
+  if step score "$PYTHON" workflows/score.py --checkpoint "$run" --input test --output "$WORK/predictions" \
+    "${score_gpu[@]}"; then
+    step evaluate "$PYTHON" workflows/evaluate.py "$WORK/predictions" --json "$OUT/evaluation.json" \
+      --plot "$OUT/confusion_matrix.png" --min-accuracy "$MIN_ACCURACY" || failed=$?
+    step agree "$PYTHON" bench/gpu_check/check_predictions.py "$run" "$WORK/predictions" || failed=$?
+  else
+    failed=1
+  fi
+  step model_step "$PYTHON" bench/gpu_check/model_step.py "$run" --rows "$ROWS" || failed=$?
+  # The README's main command as it is: no GPU option, so it must find the GPU by itself.
+  step pipeline "$PYTHON" workflows/pipeline.py --storage-path "$WORK/runs" --name pipeline || failed=$?
 
-  step evaluate "$PYTHON" workflows/evaluate.py "$WORK/predictions" --json "$OUT/evaluation.json" \
-    --plot "$OUT/confusion_matrix.png" --min-accuracy "$MIN_ACCURACY"
+  # The whole Ray Data job on ROWS rows of Parquet (the test set repeated), at the default batch size and a larger one.
+  step input_1m "$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); from pathlib import Path
+from bench_scoring import write_input; write_input(Path(sys.argv[1]), int(sys.argv[2]))' "$WORK/input_1m.parquet" "$ROWS" &&
+    for batch in 1024 8192; do
+      step "score_1m$([[ $batch == 1024 ]] || echo "_b$batch")" "$PYTHON" workflows/score.py --checkpoint "$run" \
+        --input "$WORK/input_1m.parquet" --output "$WORK/predictions_1m_$batch" --batch-size "$batch" \
+        "${score_gpu[@]}" || failed=$?
+    done || failed=$?
 
-  step summary "$PYTHON" - "$WORK" "$OUT" "$GPU_FLAG" <<'EOF'
-import csv, json, re, statistics, sys
-work, out, gpu_flag = sys.argv[1:]
-rows = list(csv.DictReader(open(f"{out}/history.csv")))
-mean = lambda name, rs: statistics.mean(float(r[name]) for r in rs)
-later = rows[1:] or rows  # epoch 1 includes the warm-up (CUDA context, first kernels)
-wall = {name: float(s) for name, s in (line.split() for line in open(f"{work}/wall_seconds.txt"))}
-scored = re.search(r"Scored ([\d,]+) images in ([\d.]+) s \(([\d,]+) images/s\)", open(f"{work}/score.out").read())
-images = int(scored[1].replace(",", ""))
-s = {
-    "device": gpu_flag, "epochs": len(rows),
-    "train_seconds_per_epoch": mean("train_seconds", rows),
-    "epoch_seconds_per_epoch": mean("epoch_seconds", rows),
-    "train_seconds_per_epoch_2on": mean("train_seconds", later),
-    "epoch_seconds_per_epoch_2on": mean("epoch_seconds", later),
-    "samples_per_second_2on": mean("samples_per_second", later),
-    "test_accuracy": float(rows[-1]["test_accuracy"]),
-    "train_command_seconds": wall["train"],
-    "score_images": images,
-    "score_job_seconds": float(scored[2]),
-    "score_images_per_second": int(scored[3].replace(",", "")),
-    "score_command_seconds": wall["score"],
-    "score_images_per_second_with_ray_start": images / wall["score"],
-    "evaluation_accuracy": json.load(open(f"{out}/evaluation.json"))["accuracy"],
-}
-json.dump(s, open(f"{out}/summary.json", "w"), indent=2)
-on = "epochs 2+" if len(rows) > 1 else "only 1 epoch"
-print(f"""
-SUMMARY ({gpu_flag}); also in summary.json
-train:    {s['epochs']} epochs; per epoch {s['train_seconds_per_epoch']:.3f} s train_seconds, \
-{s['epoch_seconds_per_epoch']:.3f} s epoch_seconds ({on}: {s['train_seconds_per_epoch_2on']:.3f} s, \
-{s['epoch_seconds_per_epoch_2on']:.3f} s, {s['samples_per_second_2on']:,.0f} samples/s); \
-test accuracy {s['test_accuracy']:.4f}; command {s['train_command_seconds']:.1f} s with Ray start-up
-score:    {images:,} images at {s['score_images_per_second']:,} images/s over the Ray Data job \
-({s['score_job_seconds']:.1f} s, with actor start-up and model load); command {s['score_command_seconds']:.1f} s \
-with Ray start-up ({s['score_images_per_second_with_ray_start']:,.0f} images/s)
-evaluate: accuracy {s['evaluation_accuracy']:.4f}""")
-EOF
+  step summary "$PYTHON" bench/gpu_check/summary.py "$WORK" "$OUT" "$GPU_FLAG" || failed=$?
+  return "$failed"
 }
 
 mkdir -p "$OUT"
