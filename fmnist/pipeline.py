@@ -27,8 +27,10 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
         trained = train(config, console)
         run_dir = StoragePath.parse(trained.run_dir)
         console.rule("Scoring the test set")
+        # On CPUs, also after training on GPUs: for 10,000 images a GPU actor's start (torch, CUDA)
+        # costs several times the CPUs' whole job (bench/RESULTS.md, GPU), and the predictions agree.
         scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=run_dir.child("predictions").uri,
-                                   data_dir=config.data_dir, use_gpu=trained.use_gpu, overwrite=True,
+                                   data_dir=config.data_dir, use_gpu=False, overwrite=True,
                                    resource_timeout_s=config.resource_timeout_s, verbose=config.verbose), console)
     finally:
         if started_ray:

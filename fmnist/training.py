@@ -94,7 +94,6 @@ class TrainResult:
     best_accuracy: float  # its test accuracy
     history: list[dict]
     startup_seconds: float | None  # from train() to the first epoch's start; None if none ran
-    use_gpu: bool  # whether it trained on GPUs
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -526,4 +525,4 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
         f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], history, startup_seconds, config.use_gpu)
+    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], history, startup_seconds)
