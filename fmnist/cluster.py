@@ -104,7 +104,9 @@ def wait_for_resources(bundle: dict[str, float], count: int, what: str, remedy: 
             if room >= count:
                 return
             if time.monotonic() >= deadline:
-                raise InputError(f"{what} needs {_shortfall(bundle, count, room)}; {remedy}, or add nodes")
+                # Nodes can be added to a cluster, not to one's own machine (embedded Ray).
+                more = "" if is_embedded() else ", or add nodes"
+                raise InputError(f"{what} needs {_shortfall(bundle, count, room)}; {remedy}{more}")
             if request is None:
                 # The autoscaler's request_resources() is one cluster-wide request that each call
                 # replaces (and withdrawing it would withdraw other jobs' too). A pending placement
@@ -140,8 +142,9 @@ def _shortfall(bundle: dict[str, float], count: int, room: int) -> str:
     """What is asked and what the cluster has, in the resources it lacks."""
     total = ray.cluster_resources()
     short = {k: v * count for k, v in bundle.items() if total.get(k, 0) < v * count}
+    where = "this machine" if is_embedded() else "the cluster"
     if short:
         want = ", ".join(f"{v:g} {k}" for k, v in short.items())
-        return f"{want} but the cluster has {', '.join(f'{total.get(k, 0):g} {k}' for k in short)}"
+        return f"{want} but {where} has {', '.join(f'{total.get(k, 0):g} {k}' for k in short)}"
     each = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
     return f"{each} on one node for each, but the cluster's nodes have room for {room}"

@@ -60,6 +60,6 @@ def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_d
     cores = ray._private.utils.get_num_cpus()
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        f"error: training with 1 worker needs 512 CPU but the cluster has {cores} CPU; ask for fewer "
-        "(--num-workers, --cpus-per-worker), or add nodes"]
+        f"error: training with 1 worker needs 512 CPU but this machine has {cores} CPU; ask for fewer "
+        "(--num-workers, --cpus-per-worker)"]  # no nodes to add on one's own machine
     assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
