@@ -17,8 +17,11 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_process import EPOCH_ROW  # noqa: E402  (training's table rows, as that benchmark reads them)
+
 SCORED = re.compile(r"Scored ([\d,]+) images in ([\d.]+) s \(([\d,]+) images/s\)")
-EPOCH_ROW = re.compile(r"^\s+(\d+)/(\d+)\s")  # as bench/bench_process.py reads training's table
 
 
 def training(out: Path, work: Path, wall: dict[str, float]) -> dict:
