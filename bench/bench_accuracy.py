@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from fmnist.cli import _train_config, build_parser  # noqa: E402
+from fmnist.cli import _train_config, parse_arguments  # noqa: E402
 from fmnist.cluster import start_ray  # noqa: E402
 from fmnist.training import train  # noqa: E402
 
@@ -34,7 +34,7 @@ def main() -> None:
     final, best = [], []
     with tempfile.TemporaryDirectory() as storage:
         for seed in args.seeds:
-            train_args = build_parser().parse_args(
+            train_args = parse_arguments(
                 ["train", *train_options, "--seed", str(seed), "--storage-path", storage, "--name", f"seed{seed}"]
             )
             result = train(_train_config(train_args), console=quiet)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fmnist.checkpoints import load_model, save_checkpoint  # noqa: E402
+from fmnist.checkpoints import load_model, load_numpy_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
 from fmnist.data import load_test_split  # noqa: E402
 from fmnist.model import Classifier, ModelConfig  # noqa: E402
 from fmnist.score_inputs import batch_pixels  # noqa: E402
@@ -51,9 +51,9 @@ def plain_job(checkpoint: str, source: str, output: str, batch_size: int, forwar
     Row group by row group, one output file each: pyarrow's reader reads ahead through all the
     row groups it is given, and its writer holds on to memory as a file grows.
     """
-    model = load_model(checkpoint)
+    model = load_numpy_checkpoint(resolve_checkpoint(checkpoint)) if forward == "numpy" else load_model(checkpoint)
     config = model.config
-    log_probabilities = model.to_numpy().log_probabilities if forward == "numpy" else model.log_probabilities
+    log_probabilities = model.log_probabilities
     Path(output).mkdir(parents=True)
     parquet = pq.ParquetFile(source)
     for group in range(parquet.num_row_groups):

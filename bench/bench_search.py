@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmnist.cli import build_parser  # noqa: E402
-from fmnist.cli import _config_from_args  # noqa: E402
+from fmnist.cli import _config_from_args, parse_arguments  # noqa: E402
 from fmnist.tuning import SearchConfig, run_search  # noqa: E402
 
 TUTORIAL_NETWORK = "256,128,64"
@@ -50,7 +49,7 @@ def main() -> None:
             "--storage-path", args.storage_path, "--name", name, *tune_options]
     if args.search == "fixed":
         argv += ["--architecture", TUTORIAL_NETWORK]
-    config = _config_from_args(SearchConfig, build_parser().parse_args(argv))
+    config = _config_from_args(SearchConfig, parse_arguments(argv))
 
     started = time.time()
     result = run_search(config)

@@ -8,23 +8,36 @@ A checkpoint directory holds
 A run directory holds Ray Train's ``checkpoint_*`` directories; "the run" means its best one by
 validation accuracy when it was trained with --validation, and otherwise its last: nothing is
 chosen on the test set, which is kept for the figures reported.
+
+model.pt is read without torch (scoring on CPUs never imports it: 1.5 s of a process's start).
+It is torch.save's file format: a zip archive of a pickle, whose tensors refer to raw storages
+stored beside it; only the few names a state dict of float tensors uses are unpickled.
 """
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow.fs as pafs
-import torch
 
 from fmnist.errors import InputError
-from fmnist.model import Classifier, ModelConfig
+from fmnist.model_config import ModelConfig
+from fmnist.numpy_model import NumpyClassifier
 from fmnist.storage import StoragePath, is_uri
+
+if TYPE_CHECKING:
+    import torch
+
+    from fmnist.model import Classifier
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
@@ -35,6 +48,8 @@ STATE_FILE = "training_state.pt"
 def save_checkpoint(
     directory: Path, model: torch.nn.Module, config: ModelConfig, metrics: dict, training_state: dict
 ) -> None:
+    import torch
+
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
@@ -43,6 +58,8 @@ def save_checkpoint(
 
 
 def load_training_state(directory: Path) -> dict[str, Any]:
+    import torch
+
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
@@ -82,7 +99,15 @@ def load_model(path: str | os.PathLike) -> Classifier:
 
 
 def load_checkpoint(checkpoint: StoragePath) -> Classifier:
-    """The eval-mode model (CPU) of a checkpoint directory; one on object storage is fetched first."""
+    """The eval-mode torch model (CPU) of a checkpoint directory."""
+    from fmnist.model import Classifier
+
+    return Classifier.from_numpy(load_numpy_checkpoint(checkpoint))
+
+
+def load_numpy_checkpoint(checkpoint: StoragePath) -> NumpyClassifier:
+    """The network of a checkpoint directory as numpy arrays, read without torch; one on object
+    storage is fetched first."""
     if not is_uri(checkpoint.uri):
         return _load_directory(Path(checkpoint.path), checkpoint.uri)
     with tempfile.TemporaryDirectory(prefix="fmnist-checkpoint-") as local:
@@ -91,24 +116,59 @@ def load_checkpoint(checkpoint: StoragePath) -> Classifier:
         return _load_directory(Path(local), checkpoint.uri)
 
 
-def _load_directory(directory: Path, shown: str) -> Classifier:
-    """The model in a local checkpoint ``directory``; errors name it as ``shown``."""
+def _load_directory(directory: Path, shown: str) -> NumpyClassifier:
+    """The network in a local checkpoint ``directory``; errors name it as ``shown``."""
     try:
         config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({e})") from None
-    model = Classifier(config)
     try:
-        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = read_state_dict(directory / MODEL_FILE)
     except OSError as e:
         raise InputError(f"checkpoint {shown}: cannot read {MODEL_FILE} ({e.strerror or e})") from None
-    except (RuntimeError, pickle.UnpicklingError, ValueError, EOFError):  # not written by torch.save, or damaged
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError):
         raise InputError(f"checkpoint {shown}: {MODEL_FILE} is not a saved model (damaged, or not ours)") from None
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:  # not a state dict, or weights that do not fit
-        lines = [line.strip() for line in str(e).strip().splitlines()]
-        detail = lines[1] if len(lines) > 1 else lines[0]  # torch's first line is only a heading
-        raise InputError(f"checkpoint {shown}: {MODEL_FILE} does not fit the model of {CONFIG_FILE} "
-                         f"({detail})") from None
-    return model.eval()
+        return NumpyClassifier.from_state_dict(state, config)
+    except ValueError as e:  # not a state dict, or weights that do not fit
+        raise InputError(f"checkpoint {shown}: {MODEL_FILE} does not fit the model of {CONFIG_FILE} ({e})") from None
+
+
+def read_state_dict(path: Path) -> Any:
+    """What torch.save wrote to ``path`` (a state dict: {name: numpy array}), read without torch.
+
+    As torch.load(weights_only=True) does, only plain containers and tensors are unpickled."""
+    with zipfile.ZipFile(path) as archive:
+        pickled = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        if len(pickled) != 1:
+            raise ValueError("no pickle in the archive")
+        root = pickled[0].rsplit("/", 1)[0]  # the archive's folder: the file's name when it was saved
+        if archive.read(f"{root}/byteorder").decode() != "little":
+            raise ValueError("big-endian tensors")
+
+        class StateDictUnpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if (module, name) == ("collections", "OrderedDict"):
+                    return collections.OrderedDict
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return _rebuild_tensor
+                if (module, name) == ("torch", "FloatStorage"):  # our models' tensors are all float32
+                    return np.float32
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
+
+            def persistent_load(self, saved_id: tuple) -> np.ndarray:  # ('storage', type, key, device, numel)
+                _, dtype, key, _, numel = saved_id
+                return np.frombuffer(archive.read(f"{root}/data/{key}"), dtype, count=numel)
+
+        return StateDictUnpickler(io.BytesIO(archive.read(pickled[0]))).load()
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2, for numpy: the tensor's elements of its storage (strides in elements)."""
+    if min(size, default=1) == 0:
+        return np.empty(size, storage.dtype)
+    last = offset + sum((n - 1) * step for n, step in zip(size, stride))
+    if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):  # a damaged file: never read past it
+        raise ValueError("a tensor outside its storage")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [step * storage.itemsize for step in stride])
+    return view.copy()

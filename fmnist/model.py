@@ -39,10 +39,15 @@ class Classifier(nn.Module):
         device = next(self.parameters()).device  # uint8 over to it, a quarter of float32's bytes
         return self(normalize(torch.from_numpy(pixels).to(device), self.config)).cpu().numpy()
 
-    def to_numpy(self) -> NumpyClassifier:
-        """The same network for scoring on CPUs without torch (evaluation mode)."""
-        return NumpyClassifier([(layer.weight.detach().cpu().numpy().T.copy(), layer.bias.detach().cpu().numpy())
-                                for layer in (*self.hidden, self.output)], self.config)
+    @classmethod
+    def from_numpy(cls, network: NumpyClassifier) -> "Classifier":
+        """The eval-mode torch model of a NumpyClassifier's weights (as a checkpoint is read)."""
+        model = cls(network.config)
+        with torch.no_grad():
+            for layer, (weight, bias) in zip((*model.hidden, model.output), network.layers):
+                layer.weight.copy_(torch.from_numpy(weight.T))
+                layer.bias.copy_(torch.from_numpy(bias))
+        return model.eval()
 
 
 def normalize(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:

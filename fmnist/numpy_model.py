@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmnist.model_config import ModelConfig
+from fmnist.model_config import IMAGE_PIXELS, ModelConfig
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -33,6 +33,26 @@ class NumpyClassifier:
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]], config: ModelConfig):
         self.layers = layers  # hidden layers, then the output layer
         self.config = config
+
+    @classmethod
+    def from_state_dict(cls, state: dict, config: ModelConfig) -> "NumpyClassifier":
+        """The network of a Classifier's state dict ({name: (out, in) weight or (out,) bias}) as numpy
+        arrays; ValueError for a state dict that is not of ``config``'s network."""
+        names = [f"hidden.{i}" for i in range(len(config.hidden))] + ["output"]  # Classifier's layers
+        widths = (IMAGE_PIXELS, *config.hidden, len(config.class_names))
+        expected = {}
+        for name, inputs, outputs in zip(names, widths, widths[1:]):
+            expected |= {f"{name}.weight": (outputs, inputs), f"{name}.bias": (outputs,)}
+        if not isinstance(state, dict):
+            raise ValueError("not a state dict")
+        for key, shape in expected.items():
+            if key not in state:
+                raise ValueError(f"no {key} in the weights")
+            if getattr(state[key], "shape", None) != shape:
+                raise ValueError(f"{key} is {getattr(state[key], 'shape', '?')} in the weights, {shape} in the model")
+        if state.keys() - expected.keys():
+            raise ValueError(f"{', '.join(map(str, state.keys() - expected.keys()))} in the weights, not in the model")
+        return cls([(state[f"{name}.weight"].T.copy(), state[f"{name}.bias"]) for name in names], config)
 
     def log_probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 784) uint8 pixels -> (N, classes) float32 log-probabilities."""

@@ -29,6 +29,7 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fmnist.checkpoints import load_checkpoint, load_numpy_checkpoint, resolve_checkpoint
 from fmnist.cluster import file_task_options, is_embedded, one_per_gpu, start_ray, wait_for_resources
 from fmnist.errors import InputError
 from fmnist.evaluation import CHECKPOINT_METADATA_KEY
@@ -213,12 +214,11 @@ def _quiet_ray_data_console() -> None:
 
 def score(config: ScoreConfig, console: Console | None = None) -> ScoreResult:
     """Score ``config.input`` with the model of ``config.checkpoint`` into Parquet at ``config.output``."""
-    from fmnist.checkpoints import load_checkpoint, resolve_checkpoint  # torch: the driver's, not the workers'
-
     console = console or Console()
     output = _output_dir(config)
     checkpoint = resolve_checkpoint(config.checkpoint)
-    model = load_checkpoint(checkpoint)  # a bad checkpoint fails here, in one line, before any actor starts
+    # A bad checkpoint fails here, in one line, before Ray starts. On CPUs, torch is never imported.
+    model = load_checkpoint(checkpoint) if config.use_gpu else load_numpy_checkpoint(checkpoint)
     model_config = model.config
     source = open_input(config.input, config.data_dir, model_config.class_names)
     _check_output(output, config, source)
@@ -266,7 +266,7 @@ def _check_output(output: StoragePath, config: ScoreConfig, source: ScoringInput
                              "choose another --output")
 
 
-def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConfig, source: ScoringInput,
+def _predictions(config: ScoreConfig, model: Classifier | NumpyClassifier, model_config: ModelConfig, source: ScoringInput,
                  console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> predictions; and their tally.
 
@@ -285,7 +285,7 @@ def _predictions(config: ScoreConfig, model: Classifier, model_config: ModelConf
     tally = _Tally.remote()
     # Each task (or actor) gets the model as this one object, not a copy in its arguments: on CPUs
     # as numpy arrays, so that the tasks' worker processes need not import torch.
-    options = dict(model_ref=ray.put(model if config.use_gpu else model.to_numpy()), config=model_config,
+    options = dict(model_ref=ray.put(model), config=model_config,
                    batch_size=config.batch_size, tally=tally, skip_bad=config.skip_bad)
     blocks = to_dataset(source, config.batch_size, tally, config.skip_bad)
     if config.use_gpu:

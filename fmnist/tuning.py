@@ -119,10 +119,10 @@ def train_arguments(trial_recipe: dict, settings: TrialSettings) -> list[str]:
 def trial_config(trial_recipe: dict, settings: TrialSettings, name: str) -> TrainConfig:
     """The trial's TrainConfig, read by ``fmnist train``'s own parser: an impossible recipe is refused
     as the command line would refuse it, and the reproducing command means the same run."""
-    from fmnist.cli import _train_config, build_parser
+    from fmnist.cli import _train_config, parse_arguments
 
     args = ["train", *train_arguments(trial_recipe, settings), *_run_arguments(settings, name)]
-    return _train_config(build_parser().parse_args(args))
+    return _train_config(parse_arguments(args))
 
 
 def _run_arguments(settings: TrialSettings, name: str) -> list[str]:
@@ -443,7 +443,7 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
              console: Console) -> list[float]:
     """Retrain the best recipe on the whole training set (no validation split) with --confirm seeds;
     the final epoch's test accuracy of each: the honest figure of the recipe."""
-    from fmnist.cli import _train_config, build_parser
+    from fmnist.cli import _train_config, parse_arguments
 
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
     _free_last_stopped_runs()
@@ -454,7 +454,7 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     for seed in range(config.seed, config.seed + config.confirm):
         name = f"confirm_seed{seed}"
         args = [*train_arguments(best.recipe, replace(settings, seed=seed)), *_run_arguments(settings, name)]
-        run = _train_config(build_parser().parse_args(["train", *args]))
+        run = _train_config(parse_arguments(["train", *args]))
         # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
         run_dir = StoragePath.parse(settings.search_dir).child(name)
         history = _history(run_dir)

@@ -3,11 +3,12 @@
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fmnist
-from fmnist.checkpoints import resolve_checkpoint, save_checkpoint
+from fmnist.checkpoints import MODEL_FILE, read_state_dict, resolve_checkpoint, save_checkpoint
 from fmnist.errors import InputError
 from fmnist.model import Classifier, ModelConfig
 
@@ -55,3 +56,18 @@ def test_paths_that_hold_no_checkpoint_are_refused(tmp_path):
         resolve_checkpoint(tmp_path / "nowhere")
     with pytest.raises(InputError, match="neither a checkpoint directory"):
         resolve_checkpoint(tmp_path)
+
+
+def test_the_weights_read_without_torch_are_torch_loads_and_load_the_same_model(tmp_path):
+    # Scoring on CPUs reads model.pt without torch: the same numbers as torch.load, name by name.
+    config = ModelConfig(hidden=(32, 16), activation="gelu", class_names=("a", "b", "c"))
+    torch.manual_seed(0)
+    model = Classifier(config).eval()
+    save_checkpoint(tmp_path, model, config, {"epoch": 1}, {"epoch": 1})
+    expected = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    got = read_state_dict(tmp_path / MODEL_FILE)
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == np.float32 and np.array_equal(got[name], tensor.numpy()), name
+    x = torch.randn(5, 784)
+    assert torch.equal(fmnist.load_model(tmp_path)(x), model(x))

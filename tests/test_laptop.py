@@ -14,17 +14,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import ray._private.utils
 
 from conftest import REPO
 
 
-def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
+def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_tmpdir:
         env["RAY_TMPDIR"] = ray_tmpdir  # where its Ray keeps its session: logs, one file per worker process
-    return subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
+    return run_python(str(REPO / "workflows" / "train.py"), *args, ray_tmpdir=ray_tmpdir)
 
 
 def actors_started(ray_tmpdir: str) -> set[str]:
@@ -63,3 +67,14 @@ def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_d
         f"error: training with 1 worker needs 512 CPU but this machine has {cores} CPU; ask for fewer "
         "(--num-workers, --cpus-per-worker)"]  # no nodes to add on one's own machine
     assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
+
+
+def test_scoring_on_cpus_never_imports_torch(trained_run, real_data_dir, tmp_path):
+    # torch's import is 1.5 s of a process's start; the checkpoint is read and run in numpy.
+    script = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+    done = run_python("-c", script, "score", "--checkpoint", trained_run.run_dir, "--output", str(tmp_path / "p"),
+                      "--data-dir", str(real_data_dir))
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    assert sum(pq.read_metadata(f).num_rows for f in (tmp_path / "p").glob("*.parquet")) == 10_000
