@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 
-from matplotlib.figure import Figure  # not pyplot: no display, and no global backend switched for the caller
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -32,6 +30,11 @@ def history_csv(history: list[dict]) -> str:
 
 def loss_curve_png(history: list[dict]) -> bytes:
     """Train vs test (and validation) loss, and test (and validation) accuracy, per epoch."""
+    # Imported here, at the end of a run: Ray's training processes import this module, and
+    # matplotlib is 0.4 s of each one's start.
+    from matplotlib.figure import Figure  # not pyplot: no display, and no global backend switched for the caller
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4), layout="tight")
     loss_ax, acc_ax = fig.subplots(1, 2)
