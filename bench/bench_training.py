@@ -30,7 +30,8 @@ from rich.console import Console  # noqa: E402
 
 from fmnist.data import find_data_dir, load_fashion_mnist  # noqa: E402
 from fmnist.model import Classifier, normalize  # noqa: E402
-from fmnist.training import TrainConfig, train  # noqa: E402
+from fmnist.run_configs import TrainConfig  # noqa: E402
+from fmnist.training import train  # noqa: E402
 
 TRAIN_SAMPLES = 60_000
 

@@ -12,7 +12,8 @@ from fmnist.mistakes import write_mistakes
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath
 from fmnist.tracking import check_mlflow, log_evaluation
-from fmnist.training import TrainConfig, train
+from fmnist.run_configs import TrainConfig
+from fmnist.training import train
 
 
 def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluation:

@@ -37,12 +37,11 @@ from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resourc
 from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath, check_run_name
 
-DEFAULT_EPOCHS = 20
-CPU_WORKERS = 2  # workers on a CPU-only cluster, unless told otherwise
 RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
@@ -53,38 +52,6 @@ RECIPE_FIELDS = (
 # other dropout masks (and other threads round differently).
 PLACEMENT_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker")
 NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0}  # what runs from before these options used
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    # the recipe (defaults are the tutorial's)
-    epochs: int | None = None  # None: DEFAULT_EPOCHS, or on --resume the run's own
-    lr: float = 0.002
-    batch_size: int = 200  # global, split across workers
-    hidden: tuple[int, ...] = (256, 128, 64)
-    activation: str = "relu"
-    dropout: float = 0.2
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    schedule: str = "constant"  # or "cosine"
-    seed: int = 0
-    validation: int = 0  # training images held out (class-balanced, from the seed) to choose checkpoints on
-    # where and how it runs
-    num_workers: int | None = None  # None: one per GPU; on CPUs 1 on your own machine, CPU_WORKERS on a cluster
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    cpus_per_worker: int | None = None
-    storage_path: str = "./runs"
-    name: str | None = None
-    resume: bool = False
-    data_dir: str | None = None
-    keep: int = 2
-    max_failures: int = 3
-    resource_timeout_s: float = 60.0
-    verbose: bool = False
-    mlflow: str | None = None  # an MLflow tracking URI to log to; "" for MLflow's default
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout, activation=self.activation)
 
 
 @dataclass

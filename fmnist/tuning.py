@@ -41,7 +41,8 @@ from fmnist.errors import InputError, JobFailed
 from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
-from fmnist.training import DEFAULT_EPOCHS, RUN_CONFIG_FILE, TrainConfig, train
+from fmnist.run_configs import SearchConfig, TrainConfig
+from fmnist.training import RUN_CONFIG_FILE, train
 from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
 
 SEARCH_CONFIG_FILE = "search_config.json"
@@ -51,31 +52,6 @@ TRIAL_MEMORY = 512 * 1024**2  # bytes: a trial's own process, which holds the da
 # What a search keeps on --resume: everything that decides which trials it runs and how.
 SEARCH_FIELDS = ("trials", "max_epochs", "grace_period", "space", "architecture", "search", "workers_per_trial",
                  "cpus_per_worker", "seed", "validation", "max_failures")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    trials: int = 20
-    max_epochs: int = DEFAULT_EPOCHS  # ASHA's budget: each trial's --epochs
-    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
-    space: str | None = None  # a space file; None: fmnist/search_space.json
-    architecture: tuple[int, ...] | None = None  # fix the network, search the recipe only
-    search: str = "random"  # or "optuna"
-    workers_per_trial: int = 1
-    cpus_per_worker: int = 1
-    concurrency: int | None = None  # None: as many trials as the cluster holds at once
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    storage_path: str = "./runs"
-    name: str | None = None
-    seed: int = 0  # the validation split, and every trial's seed
-    validation: int = 5000
-    resume: bool = False
-    confirm: int = 0  # seeds to retrain the best recipe with on the full training set
-    data_dir: str | None = None
-    max_failures: int = 3  # worker failures each trial recovers from, from its last checkpoint
-    resource_timeout_s: float = 60.0
-    verbose: bool = False
-    mlflow: str | None = None  # an MLflow tracking URI each trial logs its run to; "" for MLflow's default
 
 
 @dataclass(frozen=True)

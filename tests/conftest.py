@@ -59,7 +59,8 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(ray_session, real_data_dir, tmp_path_factory):
     """A real 1-epoch, 2-worker training on the real data; returns its TrainResult."""
-    from fmnist.training import TrainConfig, train
+    from fmnist.run_configs import TrainConfig
+    from fmnist.training import train
 
     storage = tmp_path_factory.mktemp("runs")
     return train(TrainConfig(epochs=1, num_workers=2, storage_path=str(storage), name="trained",

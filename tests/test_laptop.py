@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import ray._private.utils
 
 from conftest import REPO
@@ -69,12 +70,26 @@ def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_d
     assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
 
 
-def test_scoring_on_cpus_never_imports_torch(trained_run, real_data_dir, tmp_path):
+# Runs an fmnist command line in a process of its own, and says which of torch and Ray it imported.
+IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
+                 "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
+
+
+def test_scoring_on_cpus_never_imports_torch_and_evaluating_neither_torch_nor_ray(trained_run, real_data_dir,
+                                                                                   tmp_path):
     # torch's import is 1.5 s of a process's start; the checkpoint is read and run in numpy.
-    script = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
-              "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
-    done = run_python("-c", script, "score", "--checkpoint", trained_run.run_dir, "--output", str(tmp_path / "p"),
-                      "--data-dir", str(real_data_dir))
+    done = run_python("-c", IMPORTS_SHOWN, "score", "--checkpoint", trained_run.run_dir,
+                      "--output", str(tmp_path / "p"), "--data-dir", str(real_data_dir))
     assert done.returncode == 0, done.stderr
-    assert "torch imported: False" in done.stdout
+    assert "imported: ['ray']" in done.stdout
     assert sum(pq.read_metadata(f).num_rows for f in (tmp_path / "p").glob("*.parquet")) == 10_000
+    done = run_python("-c", IMPORTS_SHOWN, "evaluate", str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr
+    assert "imported: []" in done.stdout and "Classification report" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "0"], ["pipeline", "--lr", "-1"], ["tune", "--trials", "0"]])
+def test_a_usage_error_is_told_without_importing_torch_or_ray(argv):
+    done = run_python("-c", IMPORTS_SHOWN, *argv)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "imported: []" in done.stdout

@@ -16,7 +16,8 @@ from fmnist.checkpoints import METRICS_FILE, resolve_checkpoint
 from fmnist.cli import main
 from fmnist.data import load_fashion_mnist, validation_split
 from fmnist.model import normalize
-from fmnist.training import TrainConfig, train
+from fmnist.run_configs import TrainConfig
+from fmnist.training import train
 from fmnist.training_report import HISTORY_COLUMNS, VALIDATION_COLUMNS
 
 from test_training import read_history
