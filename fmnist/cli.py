@@ -342,8 +342,8 @@ def _run_tune(args: argparse.Namespace) -> int:
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     """The parsed arguments of an ``fmnist`` command line (``argv`` without the program name).
 
-    Only the named command's options are built: each command's imports its own modules (train's
-    torch and Ray Train, tune's Ray Tune: 2-3 s), which `fmnist evaluate` and `fmnist score` need not wait for."""
+    Only the named command's options are built: score's import the Ray Data job their defaults live
+    in, and a command should import only what it runs (`fmnist evaluate` needs neither Ray nor torch)."""
     parser = _Parser(prog="fmnist", description="Train, batch-score and evaluate a Fashion-MNIST classifier on Ray.",
                      epilog="Exit status: 0 success; 1 the job ran but failed or missed its goal (--min-accuracy); "
                             "2 bad input or usage (one 'error:' line); 130 interrupted.")

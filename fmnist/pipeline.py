@@ -9,10 +9,10 @@ from fmnist.cluster import start_ray
 from fmnist.evaluation import Evaluation, evaluate_predictions, write_json
 from fmnist.evaluation_report import plot_confusion_matrix, print_report
 from fmnist.mistakes import write_mistakes
+from fmnist.run_configs import TrainConfig
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath
 from fmnist.tracking import check_mlflow, log_evaluation
-from fmnist.run_configs import TrainConfig
 from fmnist.training import train
 
 

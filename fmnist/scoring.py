@@ -266,8 +266,8 @@ def _check_output(output: StoragePath, config: ScoreConfig, source: ScoringInput
                              "choose another --output")
 
 
-def _predictions(config: ScoreConfig, model: Classifier | NumpyClassifier, model_config: ModelConfig, source: ScoringInput,
-                 console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
+def _predictions(config: ScoreConfig, model: Classifier | NumpyClassifier, model_config: ModelConfig,
+                 source: ScoringInput, console: Console) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The pipeline, not run yet: input blocks -> predictions; and their tally.
 
     On CPUs the model runs in numpy, in Ray Data tasks that Ray fuses with the read and the write where they

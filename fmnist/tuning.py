@@ -38,10 +38,10 @@ from rich.console import Console
 from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
+from fmnist.run_configs import SearchConfig, TrainConfig
 from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
-from fmnist.run_configs import SearchConfig, TrainConfig
 from fmnist.training import RUN_CONFIG_FILE, train
 from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
 
