@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fmnist.data import load_fashion_mnist  # noqa: E402
-from fmnist.model import Classifier, ModelConfig, normalize  # noqa: E402
+from fmnist.model import Classifier, normalize  # noqa: E402
+from fmnist.run_configs import TrainConfig  # noqa: E402
 from fmnist.training import _train_one_epoch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: to dry-run this script without a GPU
@@ -32,18 +33,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     data = load_fashion_mnist()
-    config = ModelConfig()
+    recipe = TrainConfig()  # the tutorial's, as `fmnist train` runs it by default
+    config = recipe.model_config()
     x = normalize(torch.tensor(data.train_images), config).to(DEVICE)
     y = torch.tensor(data.train_labels).to(DEVICE)
     for name, options in (("Adam (foreach)", {}), ("Adam fused=True", {"fused": True})):
         torch.manual_seed(0)
         model = Classifier(config).to(DEVICE)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.002, **options)
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, **options)
         seconds = []
         for epoch in range(args.epochs + 1):  # the first is a warm-up
             order = torch.randperm(len(y)).to(DEVICE)
             start = time.perf_counter()
-            loss = _train_one_epoch(model, optimizer, x, y, order, 200, 0.0, 0, 1, lambda step, steps: None)
+            loss = _train_one_epoch(model, optimizer, x, y, order, recipe.batch_size, recipe.label_smoothing, 0, 1,
+                                    lambda step, steps: None)
             seconds.append(time.perf_counter() - start)
         print(f"{DEVICE} {name}: {statistics.median(seconds[1:]):.3f} s/epoch "
               f"({len(y) / statistics.median(seconds[1:]):,.0f} samples/s; warm-up {seconds[0]:.2f} s; loss {loss:.4f})")
