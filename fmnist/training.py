@@ -39,6 +39,7 @@ from fmnist.errors import InputError, JobFailed
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 from fmnist.tracking import TrainingTracker, check_mlflow
+from fmnist.trainer import Trainer
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 from fmnist.storage import StoragePath, check_run_name
 
@@ -332,30 +333,6 @@ def _failures(error: ray.train.TrainingFailedError) -> str:
     return last_line(getattr(error, "controller_failure", error))
 
 
-class _Trainer(ray.train.torch.TorchTrainer):
-    """TorchTrainer with Ray Train's placement-group cleaner fitted to where it runs.
-
-    The cleaner is a detached actor that asks the dashboard's state API, once a second, whether the
-    run's controller lives, to free the workers' placement group if it dies. When the run ends, Ray
-    waits for it to stop: up to 12 s where a state-API call hangs (its timeout is 10 s). On an
-    embedded Ray it never helps (no dashboard; Ray ends with this process), so it is left out, and
-    its actor's start with it; on a cluster a call gets 1 s (the API answers in milliseconds, and a
-    late answer is asked again a second later). ``tests/test_training.py`` notices if Ray changes this.
-    """
-
-    def _create_default_callbacks(self):
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-        callbacks = []
-        for callback in super()._create_default_callbacks():
-            if isinstance(callback, PlacementGroupCleanerCallback):
-                if is_embedded():
-                    continue
-                callback = PlacementGroupCleanerCallback(get_actor_timeout_s=1)
-            callbacks.append(callback)
-        return callbacks
-
-
 def _run_trainer(trainer, outcome: dict) -> None:
     try:
         trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
@@ -419,7 +396,7 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
         "threads": config.cpus_per_worker, "progress": progress,
         **{k: getattr(config, k) for k in RECIPE_FIELDS},
     }
-    trainer = _Trainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(

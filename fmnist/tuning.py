@@ -1,10 +1,11 @@
 """Hyperparameter search on Ray Tune: every trial is a Ray Train run of the same training loop.
 
-Each trial is a function trainable that calls ``training.train`` (which builds and fits a
-``TorchTrainer``) on a recipe drawn from the search space, holding out the same validation
-images; ``TuneReportCallback`` forwards each epoch's figures to Tune, and ASHA stops trials whose
-validation accuracy falls behind. Trials are chosen on validation accuracy alone; the test set
-is only for reported figures, and ``--confirm`` retrains the best recipe on the whole training set.
+Each trial is a function trainable that calls ``training.train`` (which builds and fits Ray
+Train's trainer, ``fmnist.trainer.Trainer``) on a recipe drawn from the search space, holding out
+the same validation images; ``TuneReportCallback`` forwards each epoch's figures to Tune, and ASHA
+stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
+alone; the test set is only for reported figures, and ``--confirm`` retrains the best recipe on the
+whole training set.
 
 The search directory ``<storage-path>/<name>/`` holds Tune's experiment state (its per-trial
 ``tune_<id>`` directories), each trial's run directory ``trial_<id>`` (history, checkpoints:

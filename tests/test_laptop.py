@@ -25,6 +25,7 @@ def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_tmpdir:
         env["RAY_TMPDIR"] = ray_tmpdir  # where its Ray keeps its session: logs, one file per worker process
+        env["PYTHONPROFILEIMPORTTIME"] = "1"  # each process's imports, into its stderr log
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -32,12 +33,15 @@ def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedPr
     return run_python(str(REPO / "workflows" / "train.py"), *args, ray_tmpdir=ray_tmpdir)
 
 
-def actors_started(ray_tmpdir: str) -> set[str]:
-    """The classes of the actors a Ray session under ``ray_tmpdir`` ran, from its workers' logs."""
-    names = set()
+def actors_started(ray_tmpdir: str) -> dict[str, set[str]]:
+    """The classes of the actors a Ray session under ``ray_tmpdir`` ran, each with the modules its
+    process imported, from its worker's logs."""
+    actors = {}
     for out in Path(ray_tmpdir).glob("ray/session_*/logs/worker-*.out"):
-        names |= set(re.findall(r"^:actor_name:(\w+)$", out.read_text(), re.MULTILINE))
-    return names
+        imported = set(re.findall(r"^import time: .*\| *([\w.]+)$", out.with_suffix(".err").read_text(), re.MULTILINE))
+        for name in re.findall(r"^:actor_name:(\w+)$", out.read_text(), re.MULTILINE):
+            actors[name] = imported
+    return actors
 
 
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
@@ -49,9 +53,12 @@ def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr
-    # Ray Train's helpers that only a cluster needs are not started (training._Trainer, training._fit).
-    assert {"TrainController", "RayTrainWorker"} <= actors, actors
-    assert not actors & {"PlacementGroupCleaner", "PreemptionWatcher"}, actors
+    # Ray Train's helpers that a run on one's own machine does not use are not started (fmnist.trainer,
+    # training._fit), and its controller, which the workers wait for, does not import torch.
+    assert {"TrainController", "RayTrainWorker"} <= actors.keys(), actors.keys()
+    assert not actors.keys() & {"PlacementGroupCleaner", "PreemptionWatcher", "_AutoscalingCoordinatorActor",
+                                "DatasetManager"}, actors.keys()
+    assert "torch" in actors["RayTrainWorker"] and "torch" not in actors["TrainController"]
     cores = ray._private.utils.get_num_cpus()  # what Ray counts on this machine
     saved = json.loads((tmp_path / "laptop" / "train_config.json").read_text())
     assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == (1, False, cores)
