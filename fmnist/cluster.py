@@ -41,6 +41,10 @@ def start_ray(verbose: bool = False) -> bool:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
+        # Ray starts a worker process per CPU ahead, for tasks to come. Training's actors each start
+        # their own, so on a small machine these only compete with the run's start (1 s to the first
+        # epoch here: bench/RESULTS.md); tasks start theirs as they come. Only for a new instance.
+        _system_config={"prestart_worker_first_driver": False} if address == "local" else None,
     )
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -33,15 +33,15 @@ def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedPr
     return run_python(str(REPO / "workflows" / "train.py"), *args, ray_tmpdir=ray_tmpdir)
 
 
-def actors_started(ray_tmpdir: str) -> dict[str, set[str]]:
-    """The classes of the actors a Ray session under ``ray_tmpdir`` ran, each with the modules its
-    process imported, from its worker's logs."""
-    actors = {}
+def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
+    """Each worker process of the Ray session under ``ray_tmpdir``: the classes of the actors and the
+    names of the tasks it ran, and the modules it imported, from its logs."""
+    processes = []
     for out in Path(ray_tmpdir).glob("ray/session_*/logs/worker-*.out"):
+        ran = re.findall(r"^:(?:actor|task)_name:(\S+)$", out.read_text(), re.MULTILINE)
         imported = set(re.findall(r"^import time: .*\| *([\w.]+)$", out.with_suffix(".err").read_text(), re.MULTILINE))
-        for name in re.findall(r"^:actor_name:(\w+)$", out.read_text(), re.MULTILINE):
-            actors[name] = imported
-    return actors
+        processes.append((ran, imported))
+    return processes
 
 
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
@@ -49,12 +49,15 @@ def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_
     try:
         done = run_cli("--epochs", "1", "--storage-path", str(tmp_path), "--name", "laptop",
                        "--data-dir", str(real_data_dir), ray_tmpdir=ray_tmpdir)
-        actors = actors_started(ray_tmpdir)
+        processes = worker_processes(ray_tmpdir)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     # Ray Train's helpers that a run on one's own machine does not use are not started (fmnist.trainer,
-    # training._fit), and its controller, which the workers wait for, does not import torch.
+    # training._fit), nor idle worker processes (cluster.start_ray), and Ray Train's controller, which
+    # the workers wait for, does not import torch.
+    assert all(ran for ran, _ in processes), [ran for ran, _ in processes]
+    actors = {ran[0]: imported for ran, imported in processes}
     assert {"TrainController", "RayTrainWorker"} <= actors.keys(), actors.keys()
     assert not actors.keys() & {"PlacementGroupCleaner", "PreemptionWatcher", "_AutoscalingCoordinatorActor",
                                 "DatasetManager"}, actors.keys()
