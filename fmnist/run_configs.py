@@ -1,9 +1,11 @@
-"""The options of a training run and of a search, importable without torch or Ray: the command
-line builds its options and checks them from these, so that `--help` and a usage error take a
-fraction of a second, not the 2-3 s of importing what a run needs."""
+"""The options of a training run and of a search, and the learning-rate schedule they name,
+importable without torch or Ray: the command line builds its options and checks them from these,
+so that `--help` and a usage error take a fraction of a second, not the 2-3 s of importing what a
+run needs; and a run's driver, which never imports torch, follows the schedule too."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fmnist.model_config import ModelConfig
@@ -67,3 +69,14 @@ class SearchConfig:
     resource_timeout_s: float = 60.0
     verbose: bool = False
     mlflow: str | None = None  # an MLflow tracking URI each trial logs its run to; "" for MLflow's default
+
+
+def learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """Epoch ``epoch``'s (1-based) learning rate: constant, or cosine from ``lr`` towards 0 at the end.
+
+    A function of the epoch alone, so a resumed run, or one extended with --epochs, follows
+    the schedule of a run planned for that many epochs.
+    """
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    return lr

@@ -33,6 +33,11 @@ def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedPr
     return run_python(str(REPO / "workflows" / "train.py"), *args, ray_tmpdir=ray_tmpdir)
 
 
+# Runs an fmnist command line in a process of its own, and says which of torch and Ray it imported.
+IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
+                 "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
+
+
 def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
     """Each worker process of the Ray session under ``ray_tmpdir``: the classes of the actors and the
     names of the tasks it ran, and the modules it imported, from its logs."""
@@ -47,15 +52,16 @@ def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
     ray_tmpdir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
     try:
-        done = run_cli("--epochs", "1", "--storage-path", str(tmp_path), "--name", "laptop",
-                       "--data-dir", str(real_data_dir), ray_tmpdir=ray_tmpdir)
+        done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
+                          "--name", "laptop", "--data-dir", str(real_data_dir), ray_tmpdir=ray_tmpdir)
         processes = worker_processes(ray_tmpdir)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     # Ray Train's helpers that a run on one's own machine does not use are not started (fmnist.trainer,
-    # training._fit), nor idle worker processes (cluster.start_ray), and Ray Train's controller, which
-    # the workers wait for, does not import torch.
+    # training._fit), nor idle worker processes (cluster.start_ray); only Ray Train's worker imports
+    # torch: not the driver, nor the controller, which the workers wait for.
+    assert "imported: ['ray']" in done.stdout
     assert all(ran for ran, _ in processes), [ran for ran, _ in processes]
     actors = {ran[0]: imported for ran, imported in processes}
     assert {"TrainController", "RayTrainWorker"} <= actors.keys(), actors.keys()
@@ -78,11 +84,6 @@ def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_d
         f"error: training with 1 worker needs 512 CPU but this machine has {cores} CPU; ask for fewer "
         "(--num-workers, --cpus-per-worker)"]  # no nodes to add on one's own machine
     assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
-
-
-# Runs an fmnist command line in a process of its own, and says which of torch and Ray it imported.
-IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
-                 "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
 
 
 def test_scoring_on_cpus_never_imports_torch_and_evaluating_neither_torch_nor_ray(trained_run, real_data_dir,

@@ -1,0 +1,159 @@
+"""What each Ray Train worker runs: the training loop, in torch.
+
+Every epoch ends with exact global figures over the whole test set (and the held-out validation
+images), a checkpoint and a report; rank 0 streams batch progress to the driver through a Ray
+queue. Only the workers import this module, and torch with it: the driver hands Ray Train
+``training.train_loop_per_worker``, which imports it in the worker.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
+from fmnist.model import Classifier, ModelConfig, normalize
+from fmnist.run_configs import learning_rate
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smoothing, rank, world, on_batch) -> float:
+    """One pass over the training set; returns the global mean NLL loss.
+
+    Step s trains on the global batch order[s*B:(s+1)*B], of which this rank takes every
+    world-th sample. Each rank's loss is its sum over the global batch size times world, so
+    DDP's gradient mean equals the gradient of the global batch's mean loss, for any world.
+    With label smoothing e the loss minimised is (1 - e) * NLL + e * mean over classes of -log p.
+    """
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)  # no .item() per step: a GPU sync
+    steps = math.ceil(len(order) / batch_size)
+    for step in range(steps):
+        batch = order[step * batch_size:(step + 1) * batch_size]
+        mine = batch[rank::world]
+        log_probs = model(images[mine])
+        nll = nn.functional.nll_loss(log_probs, labels[mine], reduction="sum")
+        loss = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).sum() if smoothing else nll
+        optimizer.zero_grad(set_to_none=True)
+        (loss * world / len(batch)).backward()
+        optimizer.step()
+        loss_sum += nll.detach()
+        on_batch(step + 1, steps)
+    (total,) = _all_reduce_sum([loss_sum.item()], images.device)
+    return total / len(order)
+
+
+@torch.no_grad()
+def _evaluate(model, images, labels, rank, world) -> tuple[float, float]:
+    """Global mean NLL and accuracy over all of ``images`` (the test or validation set): per-rank sums, all-reduced."""
+    model.eval()
+    images, labels = images[rank::world], labels[rank::world]
+    loss_sum, correct = 0.0, 0.0
+    for start in range(0, len(images), 2000):
+        log_probs = model(images[start:start + 2000])
+        y = labels[start:start + 2000]
+        loss_sum += nn.functional.nll_loss(log_probs, y, reduction="sum").item()
+        correct += (log_probs.argmax(dim=1) == y).sum().item()
+    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, float(len(images))], images.device)
+    return loss_sum / n, correct / n
+
+
+class _ProgressSender:
+    """Rank 0's batch progress to the driver, a few times a second (each put is a round trip)."""
+
+    def __init__(self, queue, epoch: int, enabled: bool):
+        self.queue, self.epoch, self.enabled, self.last = queue, epoch, enabled, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or done == total):
+            self.last = now
+            self.queue.put_nowait(("batch", self.epoch, done, total))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """The training loop of one Ray Train worker, per ``cfg`` (training._fit's loop config)."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    device = ray.train.torch.get_device()
+    model_config = ModelConfig.from_dict(cfg["model_config"])
+    epochs, seed = cfg["epochs"], cfg["seed"]
+
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    model = Classifier(model_config)
+    checkpoint = ray.train.get_checkpoint()  # set when resumed, or restarted after a worker failure
+    state = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(Path(d))
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
+    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    bare_model = model.module if hasattr(model, "module") else model
+    # Made after the move: loading a state dict puts the optimizer's state on its parameters' device.
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    first_epoch, history = 1, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, history = state["epoch"] + 1, state["history"]
+
+    data = cfg["data"]
+    # torch.tensor copies: the object store's arrays are read-only.
+    train_x = normalize(torch.tensor(ray.get(data["train_images"])), model_config).to(device)
+    train_y = torch.tensor(ray.get(data["train_labels"])).to(device)
+    test_x = normalize(torch.tensor(ray.get(data["test_images"])), model_config).to(device)
+    test_y = torch.tensor(ray.get(data["test_labels"])).to(device)
+    if "val_images" in data:
+        val_x = normalize(torch.tensor(ray.get(data["val_images"])), model_config).to(device)
+        val_y = torch.tensor(ray.get(data["val_labels"])).to(device)
+
+    for epoch in range(first_epoch, epochs + 1):
+        # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted
+        # epoch draws exactly what an uninterrupted run would have drawn.
+        torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # dropout masks
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = order.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg["lr"], cfg["schedule"], epoch, epochs)
+        started = time.perf_counter()
+        on_batch = _ProgressSender(cfg["progress"], epoch, enabled=rank == 0)
+        train_loss = _train_one_epoch(
+            model, optimizer, train_x, train_y, order, cfg["batch_size"], cfg["label_smoothing"], rank, world,
+            on_batch,
+        )
+        train_seconds = time.perf_counter() - started
+        test_loss, test_accuracy = _evaluate(bare_model, test_x, test_y, rank, world)
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "train_seconds": train_seconds, "epoch_seconds": 0.0,
+            "samples_per_second": len(train_y) / train_seconds,
+        }
+        if "val_images" in data:
+            row["val_loss"], row["val_accuracy"] = _evaluate(bare_model, val_x, val_y, rank, world)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                row["epoch_seconds"] = time.perf_counter() - started  # the checkpoint's own save included
+                history.append(row)
+                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "seed": seed, "history": history}
+                save_checkpoint(Path(tmp), bare_model, model_config, row, state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(row, checkpoint=ckpt)
+        if rank == 0:
+            row["epoch_seconds"] = time.perf_counter() - started  # now with the upload to storage
+            cfg["progress"].put_nowait(("epoch", row, history))
