@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from fmnist.errors import InputError
 from fmnist.model_config import ModelConfig
@@ -111,8 +110,11 @@ def load_numpy_checkpoint(checkpoint: StoragePath) -> NumpyClassifier:
     if not is_uri(checkpoint.uri):
         return _load_directory(Path(checkpoint.path), checkpoint.uri)
     with tempfile.TemporaryDirectory(prefix="fmnist-checkpoint-") as local:
-        pafs.copy_files(checkpoint.path, local, source_filesystem=checkpoint.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        # Only what the network needs: not the optimizer's state, twice the model's size.
+        for name in (CONFIG_FILE, MODEL_FILE):
+            source = checkpoint.child(name)
+            if source.exists():  # a missing one is told by _load_directory, as for a local checkpoint
+                Path(local, name).write_bytes(source.read_bytes())
         return _load_directory(Path(local), checkpoint.uri)
 
 
@@ -121,7 +123,8 @@ def _load_directory(directory: Path, shown: str) -> NumpyClassifier:
     try:
         config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({e})") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the path of a fetched copy
+        raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({why})") from None
     try:
         state = read_state_dict(directory / MODEL_FILE)
     except OSError as e:
