@@ -19,9 +19,9 @@ import fmnist
 from fmnist.cli import main
 from fmnist.data import load_fashion_mnist
 from fmnist.model import normalize
-from fmnist.training_report import HISTORY_COLUMNS
 from fmnist.run_configs import TrainConfig, learning_rate
 from fmnist.training import train
+from fmnist.training_report import HISTORY_COLUMNS
 
 from conftest import PNG_MAGIC, REPO, one_error_line, tensorboard_scalars
 
