@@ -15,10 +15,13 @@ tests/test_training.py notice if a Ray upgrade renames or reshapes any of it):
   waits for; and the placement-group cleaner, which asks a dashboard this Ray does not have
   whether the controller lives. On a cluster the cleaner's state-API calls get 1 s: when a run
   ends, Ray waits for it up to 12 s where a call hangs.
+- Ray Train's Ctrl-C handler, which fit() on the main thread installs for good: Ctrl-C raises
+  KeyboardInterrupt as anywhere else, and the caller stops the run with ``abort()``.
 """
 
 from __future__ import annotations
 
+import ray
 from ray.train import BackendConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -53,6 +56,7 @@ class Trainer(DataParallelTrainer):
     def __init__(self, train_loop_per_worker, *, scaling_config: ScalingConfig, **kwargs):
         super().__init__(train_loop_per_worker, backend_config=_backend_config(scaling_config),
                          scaling_config=scaling_config, **kwargs)
+        self._controller = None
 
     def _create_default_callbacks(self):
         callbacks = []
@@ -70,3 +74,15 @@ class Trainer(DataParallelTrainer):
         if is_embedded():
             controller_init_kwargs["scaling_policy"] = _FixedNodesPolicy(self.scaling_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    def _register_sigint_handler(self, controller) -> None:
+        self._controller = controller  # for abort(), in place of Ray Train's handler
+
+    def abort(self) -> None:
+        """Stop the run that fit() runs on the main thread, its workers first (thread-safe; once is enough)."""
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # the controller ends its own process as it aborts

@@ -180,11 +180,44 @@ def _failures(error: ray.train.TrainingFailedError) -> str:
     return last_line(getattr(error, "controller_failure", error))
 
 
-def _run_trainer(trainer, outcome: dict) -> None:
-    try:
-        trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
-    except BaseException as e:  # handed to the main thread
-        outcome["error"] = e
+class _ProgressDrawer(threading.Thread):
+    """Draws the progress rank 0 streams and writes the run's files as epochs end, beside fit(),
+    which keeps the calling thread (the main one on the command line, where Ctrl-C lands)."""
+
+    def __init__(self, progress: ray.util.queue.Queue, view: TrainingConsole, run_dir: StoragePath,
+                 tracker: TrainingTracker, called_at: float, abort_run):
+        super().__init__(daemon=True)
+        self.progress, self.view, self.run_dir, self.tracker = progress, view, run_dir, tracker
+        self.called_at, self.abort_run = called_at, abort_run
+        self.history: list[dict] = []
+        self.startup_seconds: float | None = None
+        self.error: BaseException | None = None
+        self._fit_returned = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not (self._fit_returned.is_set() and self.progress.empty()):
+                try:
+                    event = self.progress.get(timeout=0.2)
+                except ray.util.queue.Empty:
+                    continue
+                if event[0] == "batch":
+                    self.view.batch(*event[1:])
+                    continue
+                _, row, self.history = event
+                if self.startup_seconds is None:
+                    self.startup_seconds = time.perf_counter() - self.called_at - row["epoch_seconds"]
+                self.view.epoch_done(row)
+                self.run_dir.write("history.csv", history_csv(self.history).encode())
+                self.tracker.epochs(self.history)
+        except BaseException as e:  # e.g. the run directory cannot be written: the run stops
+            self.error = e
+            self.abort_run()
+
+    def finish(self) -> None:
+        """Returns once every event the run sent is drawn and written: Ray may then shut down."""
+        self._fit_returned.set()
+        self.join()
 
 
 def train(config: TrainConfig, console: Console | None = None, *, data: FashionMNIST | None = None,
@@ -269,40 +302,31 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
     console.print(f"[bold]{verb}[/] {run_dir.uri}: {_count(config.epochs, 'epoch')} on "
                   f"{_count(config.num_workers, 'worker')} ({where})")
 
-    outcome: dict = {}
-    fit_thread = threading.Thread(target=_run_trainer, args=(trainer, outcome), daemon=True)
-    fit_thread.start()
-    # The main thread draws progress and writes the run's files; Ctrl-C lands here.
-    history: list[dict] = []
-    startup_seconds = None
     with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
+        drawer = _ProgressDrawer(progress, view, run_dir, tracker, called_at, trainer.abort)
+        drawer.start()
+        fit_error = None
         try:
-            while fit_thread.is_alive() or not progress.empty():
-                try:
-                    event = progress.get(timeout=0.2)
-                except ray.util.queue.Empty:
-                    continue
-                if event[0] == "batch":
-                    view.batch(*event[1:])
-                else:
-                    _, row, history = event
-                    if startup_seconds is None:
-                        startup_seconds = time.perf_counter() - called_at - row["epoch_seconds"]
-                    view.epoch_done(row)
-                    run_dir.write("history.csv", history_csv(history).encode())
-                    tracker.epochs(history)
+            trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
+        except BaseException as e:
+            # The run's workers stop before Ray does: on Ctrl-C, a failure, or the drawer's error.
+            trainer.abort()
+            fit_error = e
         finally:
+            drawer.finish()  # no thread is left in a Ray call when Ray shuts down: that would crash the process
             progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
             # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
             # takes CPU from the workers on a small machine.
-            if history:
-                run_dir.write("loss_curve.png", loss_curve_png(history))
-    if isinstance(outcome.get("error"), ray.train.TrainingFailedError):
-        raise JobFailed(f"training failed ({_failures(outcome['error'])}); after fixing the cause, continue "
-                        f"from the last checkpoint with --resume --storage-path {config.storage_path} "
-                        f"--name {config.name}") from outcome["error"]
-    if "error" in outcome:
-        raise outcome["error"]
+            if drawer.history:
+                run_dir.write("loss_curve.png", loss_curve_png(drawer.history))
+        if drawer.error is not None:  # it aborted the run
+            raise drawer.error
+        if isinstance(fit_error, ray.train.TrainingFailedError):
+            raise JobFailed(f"training failed ({_failures(fit_error)}); after fixing the cause, continue "
+                            f"from the last checkpoint with --resume --storage-path {config.storage_path} "
+                            f"--name {config.name}") from fit_error
+        if fit_error is not None:
+            raise fit_error
     # The run's best as `--checkpoint RUN` will pick it, with its URI.
     best = best_checkpoint(run_dir)
     metrics = json.loads(best.read_text(METRICS_FILE))
@@ -316,4 +340,4 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
         f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], history, startup_seconds)
+    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], drawer.history, drawer.startup_seconds)

@@ -86,8 +86,11 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     resumed = read_history(tmp_path / "cut")
     assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
 
+    handler = signal.getsignal(signal.SIGINT)
     uninterrupted = train(TrainConfig(epochs=3, schedule="cosine", num_workers=1, cpus_per_worker=1, seed=7,
                                       storage_path=storage, name="whole", data_dir=str(real_data_dir)))
+    # fit() ran on this (main) thread, where Ray Train would leave its own Ctrl-C handler behind.
+    assert signal.getsignal(signal.SIGINT) is handler
     for got, want in zip(resumed, uninterrupted.history):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert float(got[key]) == pytest.approx(want[key], rel=1e-5), (got["epoch"], key)
