@@ -79,7 +79,7 @@ class Trainer(DataParallelTrainer):
         self._controller = controller  # for abort(), in place of Ray Train's handler
 
     def abort(self) -> None:
-        """Stop the run that fit() runs on the main thread, its workers first (thread-safe; once is enough)."""
+        """Stop the run that fit() runs on the main thread, its workers first (from any thread; once is enough)."""
         controller, self._controller = self._controller, None
         if controller is not None:
             try:

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ray
 import ray.train
@@ -185,7 +185,7 @@ class _ProgressDrawer(threading.Thread):
     which keeps the calling thread (the main one on the command line, where Ctrl-C lands)."""
 
     def __init__(self, progress: ray.util.queue.Queue, view: TrainingConsole, run_dir: StoragePath,
-                 tracker: TrainingTracker, called_at: float, abort_run):
+                 tracker: TrainingTracker, called_at: float, abort_run: Callable[[], None]):
         super().__init__(daemon=True)
         self.progress, self.view, self.run_dir, self.tracker = progress, view, run_dir, tracker
         self.called_at, self.abort_run = called_at, abort_run
