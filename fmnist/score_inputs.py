@@ -241,6 +241,7 @@ def to_dataset(source: ScoringInput, batch_size: int, tally: ray.actor.ActorHand
     # A block per CPU, of whole batches: each becomes one task that reads, scores and writes it.
     batches = math.ceil(len(table) / batch_size)
     rows = batch_size * math.ceil(batches / max(1, int(ray.cluster_resources().get("CPU", 1))))
+    # from_blocks describes the blocks here; from_arrow would start a Ray task per block to do it.
     blocks = ray.data.from_blocks([table.slice(i, rows) for i in range(0, len(table), rows)])
     if "image" in table.column_names:
         return blocks
