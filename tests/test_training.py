@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
+import ray
 import ray.train
 import torch
 
@@ -153,6 +155,32 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
         assert main(["train", "--storage-path", str(storage), "--data-dir", str(real_data_dir)]) == 2
         assert words in one_error_line(capsys)
     assert os.listdir(tmp_path) == ["runs"] and a_file.read_text() == "not a directory"
+
+
+def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(ray_session, real_data_dir, tmp_path,
+                                                                              capsys):
+    history = tmp_path / "broken" / "history.csv"
+
+    def break_history() -> None:  # once epoch 1 is written, history.csv can no longer be replaced
+        while not history.exists():
+            time.sleep(0.01)
+        history.unlink()
+        history.mkdir()
+
+    free_cpus = ray.available_resources().get("CPU", 0)
+    threading.Thread(target=break_history, daemon=True).start()
+    assert main(["train", "--epochs", "20", "--keep", "20", "--num-workers", "1", "--cpus-per-worker", "1",
+                 "--storage-path", str(tmp_path), "--name", "broken", "--data-dir", str(real_data_dir)]) == 2
+    assert one_error_line(capsys) == (f"error: cannot write {history} (Is a directory); "
+                                      "pass a --storage-path you can write to")
+    # The run stopped there: its worker's CPU is free again (one still training would hold it),
+    # and its checkpoints are kept for a resume.
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < free_cpus:
+        assert time.monotonic() < deadline, "the run's worker still holds its CPU"
+        time.sleep(0.1)
+    checkpoints = [p for p in history.parent.iterdir() if p.name.startswith("checkpoint_")]
+    assert 1 <= len(checkpoints) < 20
 
 
 @pytest.mark.parametrize("options, names", [
