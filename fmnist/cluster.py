@@ -34,6 +34,16 @@ def start_ray(verbose: bool = False) -> bool:
     # instance rather than join whatever `ray start` left running on this machine.
     address = os.environ.get("RAY_ADDRESS") or "local"
     storage_settings = _storage_settings_for_workers()
+    # Settings only a new instance takes:
+    # - Ray starts a worker process per CPU ahead, for tasks to come. Training's actors each start
+    #   their own, so on a small machine these only compete with the run's start (1 s to the first
+    #   epoch here: bench/RESULTS.md); tasks start theirs as they come.
+    # - Ray warns ("N PYTHON worker processes have been started") once 4x as many processes live as
+    #   it starts at once, one per CPU by default. A search's trial is 5 (the trial, Ray Train's
+    #   controller, worker and synchronization actor, the progress queue), so 2 trials on 2 cores
+    #   set it off; 2 per CPU at once made no difference to any start's time (bench/RESULTS.md).
+    new_instance_settings = {"prestart_worker_first_driver": False,
+                             "worker_maximum_startup_concurrency": 2 * (os.cpu_count() or 1)}
     ray.init(
         address=address,
         runtime_env={"env_vars": storage_settings} if storage_settings else None,
@@ -41,10 +51,7 @@ def start_ray(verbose: bool = False) -> bool:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
-        # Ray starts a worker process per CPU ahead, for tasks to come. Training's actors each start
-        # their own, so on a small machine these only compete with the run's start (1 s to the first
-        # epoch here: bench/RESULTS.md); tasks start theirs as they come. Only for a new instance.
-        _system_config={"prestart_worker_first_driver": False} if address == "local" else None,
+        _system_config=new_instance_settings if address == "local" else None,
     )
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
