@@ -14,7 +14,7 @@ from fmnist.errors import InputError
 from fmnist.storage import StoragePath, storage_env_vars
 
 
-_embedded_node: str | None = None  # the node of the local Ray instance start_ray started, if any
+EMBEDDED_LABEL = "fmnist/embedded"  # on the node of a local Ray instance that start_ray started
 
 
 def start_ray(verbose: bool = False) -> bool:
@@ -23,7 +23,6 @@ def start_ray(verbose: bool = False) -> bool:
     Returns whether this call connected (then the caller shuts Ray down). Ray's own log
     lines are kept off the user's terminal unless ``verbose``.
     """
-    global _embedded_node
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
         # Workers' print/log lines would interleave with our progress display.
@@ -39,9 +38,10 @@ def start_ray(verbose: bool = False) -> bool:
     #   their own, so on a small machine these only compete with the run's start (1 s to the first
     #   epoch here: bench/RESULTS.md); tasks start theirs as they come.
     # - Ray warns ("N PYTHON worker processes have been started") once 4x as many processes live as
-    #   it starts at once, one per CPU by default. A search's trial is 5 (the trial, Ray Train's
-    #   controller, worker and synchronization actor, the progress queue), so 2 trials on 2 cores
-    #   set it off; 2 per CPU at once made no difference to any start's time (bench/RESULTS.md).
+    #   it starts at once, one per CPU by default. A search's trial is 6 (the trial, Ray Train's
+    #   controller, worker and synchronization actor, our progress queue, Ray Tune's report queue),
+    #   so 2 trials on 2 cores set it off; 2 per CPU at once made no difference to any start's time
+    #   (bench/RESULTS.md).
     new_instance_settings = {"prestart_worker_first_driver": False,
                              "worker_maximum_startup_concurrency": 2 * (os.cpu_count() or 1)}
     ray.init(
@@ -51,11 +51,11 @@ def start_ray(verbose: bool = False) -> bool:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
+        labels={EMBEDDED_LABEL: "true"} if address == "local" else None,
         _system_config=new_instance_settings if address == "local" else None,
     )
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
-    _embedded_node = ray.get_runtime_context().get_node_id() if address == "local" else None
     return True
 
 
@@ -71,9 +71,10 @@ def _storage_settings_for_workers() -> dict[str, str]:
 
 
 def is_embedded() -> bool:
-    """Whether Ray is a local instance that start_ray started in this process: one machine whose
-    cores the job may use as it likes, and no autoscaler to wait for. Otherwise it is a cluster."""
-    return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _embedded_node
+    """Whether Ray is a local instance that start_ray started (here, or in the driver of the search
+    whose trial runs in this process): one machine whose cores the job may use as it likes, and no
+    autoscaler to wait for. Otherwise it is a cluster."""
+    return ray.is_initialized() and ray.get_runtime_context().get_node_labels().get(EMBEDDED_LABEL) == "true"
 
 
 def file_task_options(location: StoragePath | None) -> dict:

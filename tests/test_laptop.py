@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray._private.utils
 
-from conftest import REPO
+from conftest import REPO, worker_processes
 
 
 def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
@@ -36,17 +34,6 @@ def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedPr
 # Runs an fmnist command line in a process of its own, and says which of torch and Ray it imported.
 IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
                  "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
-
-
-def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
-    """Each worker process of the Ray session under ``ray_tmpdir``: the classes of the actors and the
-    names of the tasks it ran, and the modules it imported, from its logs."""
-    processes = []
-    for out in Path(ray_tmpdir).glob("ray/session_*/logs/worker-*.out"):
-        ran = re.findall(r"^:(?:actor|task)_name:(\S+)$", out.read_text(), re.MULTILINE)
-        imported = set(re.findall(r"^import time: .*\| *([\w.]+)$", out.with_suffix(".err").read_text(), re.MULTILINE))
-        processes.append((ran, imported))
-    return processes
 
 
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):

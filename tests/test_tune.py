@@ -7,9 +7,11 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -17,21 +19,23 @@ from mlflow.tracking import MlflowClient
 
 from fmnist.cli import main
 
-from conftest import REPO, one_error_line
+from conftest import REPO, one_error_line, worker_processes
 
 TINY_SPACE = {"depth": 1, "width": {"choice": [16, 32]}, "lr": {"loguniform": [1e-5, 0.005]}}
 SEARCH = ["--max-epochs", "3", "--grace-period", "1", "--workers-per-trial", "1", "--concurrency", "2",
           "--validation", "1000", "--no-gpu"]
 
 
-def tune(*args: str, interrupt_when=None, cwd=None) -> tuple[int, str]:
-    """``workflows/tune.py`` in its own process (its own embedded Ray, as a user runs it); with
-    ``interrupt_when``, a Ctrl-C as soon as that returns True. Its exit status and output."""
+def tune(*args: str, interrupt_when=None, cwd=None, ray_tmpdir=None) -> tuple[int, str]:
+    """``workflows/tune.py`` in its own process (its own embedded Ray, as a user runs it, with its
+    session under ``ray_tmpdir`` if given); with ``interrupt_when``, a Ctrl-C as soon as that returns
+    True. Its exit status and output."""
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir} if ray_tmpdir else None
     # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit that.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "tune.py"), *args], text=True, cwd=cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         signal.signal(signal.SIGINT, previous)
     if interrupt_when is not None:
@@ -60,19 +64,25 @@ def write_space(path, space: dict):
 
 @pytest.fixture(scope="module")
 def search(real_data_dir, tmp_path_factory):
-    """A small real search: 4 trials of tiny networks, 3 epochs, 1 worker each, 2 at a time."""
+    """A small real search: 4 trials of tiny networks, 3 epochs, 1 worker each, 2 at a time. Its
+    directory, its output, and the actors its Ray session started."""
     storage = tmp_path_factory.mktemp("searches")
     space = write_space(storage / "space.json", TINY_SPACE)
-    # Each trial also logs to a real MLflow store (and MLflow's artifacts go where the search ran).
-    code, output = tune("--trials", "4", *SEARCH, "--space", space, "--seed", "1", "--storage-path", str(storage),
-                        "--name", "s", "--data-dir", str(real_data_dir),
-                        "--mlflow", f"sqlite:///{storage / 'mlflow.db'}", cwd=storage)
+    ray_tmpdir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
+    try:
+        # Each trial also logs to a real MLflow store (and MLflow's artifacts go where the search ran).
+        code, output = tune("--trials", "4", *SEARCH, "--space", space, "--seed", "1", "--storage-path",
+                            str(storage), "--name", "s", "--data-dir", str(real_data_dir),
+                            "--mlflow", f"sqlite:///{storage / 'mlflow.db'}", cwd=storage, ray_tmpdir=ray_tmpdir)
+        actors = [ran[0] for ran, _ in worker_processes(ray_tmpdir) if ran]
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert code == 0, output
-    return storage / "s", output
+    return storage / "s", output, actors
 
 
 def test_a_search_finishes_stops_poor_trials_early_and_ranks_on_the_trials_own_histories(search):
-    search_dir, output = search
+    search_dir, output, actors = search
     board = read_csv(search_dir / "leaderboard.csv")
     assert len(board) == 4
     assert {row["status"] for row in board} <= {"finished", "stopped early"}
@@ -100,15 +110,19 @@ def test_a_search_finishes_stops_poor_trials_early_and_ranks_on_the_trials_own_h
                                                                                         abs=1e-4)
     assert best["train_command"] in output.replace("\n  ", " ")  # printed as it is saved
     assert "Top 4 of 4 trials" in output and "reproduce it with" in output
-    # Each trial is 5 processes: Ray's warning about that many would alarm a user for nothing.
+    # Each trial is 6 processes: Ray's warning about that many would alarm a user for nothing.
     assert "worker processes have been started" not in output, output
+    # On one's own machine the trials' Ray Train runs leave out the helpers it has no use for, as
+    # `fmnist train` does (fmnist.trainer, training._fit).
+    assert actors.count("TrainController") == 4, actors
+    assert not set(actors) & {"PlacementGroupCleaner", "PreemptionWatcher", "_AutoscalingCoordinatorActor"}, actors
     for tune_state in ("tuner.pkl", "search_config.json"):
         assert (search_dir / tune_state).exists()
 
 
 def test_the_printed_train_command_reproduces_the_best_trial_and_score_takes_a_trial_run(
         search, ray_session, real_data_dir, tmp_path):
-    search_dir, _ = search
+    search_dir, _, _ = search
     best = json.loads((search_dir / "best_config.json").read_text())
     command = shlex.split(best["train_command"])
     assert command[:2] == ["fmnist", "train"]
@@ -130,7 +144,7 @@ def test_the_printed_train_command_reproduces_the_best_trial_and_score_takes_a_t
 
 def test_confirm_retrains_the_best_recipe_on_the_full_training_set_and_a_resume_keeps_finished_confirm_runs(
         search, real_data_dir):
-    search_dir, _ = search
+    search_dir, _, _ = search
     again = ["--resume", "--name", "s", "--storage-path", str(search_dir.parent), "--data-dir", str(real_data_dir)]
     code, output = tune(*again, "--confirm", "1", cwd=search_dir.parent)
     assert code == 0, output
