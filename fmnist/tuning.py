@@ -152,7 +152,8 @@ def _free_stopped_runs() -> int:
     placement group. Ray Train leaves that to a watcher that asks the dashboard's state API, which
     fails where there is no dashboard or more than one Ray instance on the machine (fmnist.trainer
     leaves it out on one's own machine); the group then holds its resources until the Ray instance
-    ends, and the next trials (or --confirm's runs) wait for them forever. GCS records which groups' creator actor is dead: those are removed.
+    ends, and the next trials (or --confirm's runs) wait for them forever. GCS records which
+    groups' creator actor is dead: those are removed.
     """
     from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
     from ray.core.generated.gcs_pb2 import PlacementGroupTableData
