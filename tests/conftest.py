@@ -27,11 +27,14 @@ def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
     """Each worker process of the Ray session under ``ray_tmpdir``: the classes of the actors and the
     names of the tasks it ran, and the modules it imported, from its logs."""
     processes = []
-    sessions = [s for s in Path(ray_tmpdir).glob("ray/session_*") if not s.is_symlink()]  # not session_latest
-    for out in (out for session in sessions for out in session.glob("logs/worker-*.out")):
-        ran = re.findall(r"^:(?:actor|task)_name:(\S+)$", out.read_text(), re.MULTILINE)
-        imported = set(re.findall(r"^import time: .*\| *([\w.]+)$", out.with_suffix(".err").read_text(), re.MULTILINE))
-        processes.append((ran, imported))
+    for session in Path(ray_tmpdir).glob("ray/session_*"):
+        if session.is_symlink():
+            continue  # session_latest: the same session again
+        for out in session.glob("logs/worker-*.out"):
+            ran = re.findall(r"^:(?:actor|task)_name:(\S+)$", out.read_text(), re.MULTILINE)
+            imported = set(re.findall(r"^import time: .*\| *([\w.]+)$", out.with_suffix(".err").read_text(),
+                                      re.MULTILINE))
+            processes.append((ran, imported))
     return processes
 
 
