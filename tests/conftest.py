@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import ray
@@ -21,6 +25,17 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+@contextlib.contextmanager
+def short_ray_tmpdir() -> Iterator[str]:
+    """A RAY_TMPDIR for a command's own Ray session, removed afterwards; short, as Ray's socket paths
+    must fit in 107 characters."""
+    path = tempfile.mkdtemp(prefix="ray")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pyarrow.parquet as pq
 import pytest
 import ray._private.utils
 
-from conftest import REPO, worker_processes
+from conftest import REPO, short_ray_tmpdir, worker_processes
 
 
 def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
@@ -37,13 +35,10 @@ IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[
 
 
 def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
-    ray_tmpdir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
-    try:
+    with short_ray_tmpdir() as session_dir:
         done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
-                          "--name", "laptop", "--data-dir", str(real_data_dir), ray_tmpdir=ray_tmpdir)
-        processes = worker_processes(ray_tmpdir)
-    finally:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+                          "--name", "laptop", "--data-dir", str(real_data_dir), ray_tmpdir=session_dir)
+        processes = worker_processes(session_dir)
     assert done.returncode == 0, done.stderr
     # Ray Train's helpers that a run on one's own machine does not use are not started (fmnist.trainer,
     # training._fit), nor idle worker processes (cluster.start_ray); only Ray Train's worker imports

@@ -7,11 +7,9 @@ import csv
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from fmnist.cli import main
 
-from conftest import REPO, one_error_line, worker_processes
+from conftest import REPO, one_error_line, short_ray_tmpdir, worker_processes
 
 TINY_SPACE = {"depth": 1, "width": {"choice": [16, 32]}, "lr": {"loguniform": [1e-5, 0.005]}}
 SEARCH = ["--max-epochs", "3", "--grace-period", "1", "--workers-per-trial", "1", "--concurrency", "2",
@@ -68,15 +66,12 @@ def search(real_data_dir, tmp_path_factory):
     directory, its output, and the actors its Ray session started."""
     storage = tmp_path_factory.mktemp("searches")
     space = write_space(storage / "space.json", TINY_SPACE)
-    ray_tmpdir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
-    try:
+    with short_ray_tmpdir() as session_dir:
         # Each trial also logs to a real MLflow store (and MLflow's artifacts go where the search ran).
         code, output = tune("--trials", "4", *SEARCH, "--space", space, "--seed", "1", "--storage-path",
                             str(storage), "--name", "s", "--data-dir", str(real_data_dir),
-                            "--mlflow", f"sqlite:///{storage / 'mlflow.db'}", cwd=storage, ray_tmpdir=ray_tmpdir)
-        actors = [ran[0] for ran, _ in worker_processes(ray_tmpdir) if ran]
-    finally:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+                            "--mlflow", f"sqlite:///{storage / 'mlflow.db'}", cwd=storage, ray_tmpdir=session_dir)
+        actors = [ran[0] for ran, _ in worker_processes(session_dir) if ran]
     assert code == 0, output
     return storage / "s", output, actors
 
