@@ -1,9 +1,14 @@
 """fmnist: distributed training and batch scoring of a Fashion-MNIST classifier on Ray."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from fmnist.model_config import CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "load_model"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("fmnist")  # pyproject.toml's, as installed
+except PackageNotFoundError:  # a checkout that was never installed, e.g. a job's --working-dir
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str):

@@ -16,8 +16,18 @@ import ray
 from fmnist.data import find_data_dir
 from s3_server import S3Server
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+
+def pyproject() -> dict:
+    """The project's pyproject.toml."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def one_error_line(capsys) -> str:
