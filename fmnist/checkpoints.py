@@ -1,32 +1,28 @@
 """Checkpoint directories: what is in one, and how to find and load the best of a run.
 
 A checkpoint directory holds
-  model.pt            the model's state dict
+  model.safetensors   the model's weights (checkpoints from before it hold model.pt, torch.save's file)
   model_config.json   ModelConfig: enough to rebuild the model without the training options
-  metrics.json        the epoch's figures (epoch, train_loss, test_loss, test_accuracy, ...)
   training_state.pt   what resuming needs: optimizer, epoch, seed, history
-A run directory holds Ray Train's ``checkpoint_*`` directories; "the run" means its best one by
-validation accuracy when it was trained with --validation, and otherwise its last: nothing is
-chosen on the test set, which is kept for the figures reported.
+  metrics.json        the epoch's figures (epoch, train_loss, test_loss, test_accuracy, ...), written last
+A run directory holds ``checkpoint_*`` directories; "the run" means its best one by validation
+accuracy when it was trained with --validation, and otherwise its last: nothing is chosen on the
+test set, which is kept for the figures reported. A directory without metrics.json is one being
+written (or cut short): it is no candidate.
 
-model.pt is read without torch (scoring on CPUs never imports it: 1.5 s of a process's start).
-It is torch.save's file format: a zip archive of a pickle, whose tensors refer to raw storages
-stored beside it; only the few names a state dict of float tensors uses are unpickled.
+model.safetensors is read with safetensors.numpy: scoring on CPUs never imports torch (1.5 s of a
+process's start). An older model.pt is read with torch.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
-import pickle
 import tempfile
-import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from fmnist.errors import InputError
 from fmnist.model_config import ModelConfig
@@ -38,43 +34,81 @@ if TYPE_CHECKING:
 
     from fmnist.model import Classifier
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"  # checkpoints written before model.safetensors
 CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.json"
 STATE_FILE = "training_state.pt"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def checkpoint_name() -> str:
+    """A new checkpoint directory's name, as Ray Train names its own: checkpoint_<date>_<time>."""
+    return datetime.now().strftime(CHECKPOINT_PREFIX + "%Y-%m-%d_%H-%M-%S.%f")
 
 
 def save_checkpoint(
-    directory: Path, model: torch.nn.Module, config: ModelConfig, metrics: dict, training_state: dict
+    directory: StoragePath, model: torch.nn.Module, config: ModelConfig, metrics: dict, training_state: dict
 ) -> None:
+    """Write a checkpoint into ``directory`` (local or object storage), metrics.json last: a directory
+    cut short by a kill is no candidate for best_checkpoint or a resume."""
+    import torch
+    from safetensors.torch import save
+
+    state = io.BytesIO()
+    torch.save(training_state, state)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    directory.child(MODEL_FILE).write_whole(save(weights))
+    directory.child(CONFIG_FILE).write_whole(json.dumps(config.to_dict(), indent=2).encode())
+    directory.child(STATE_FILE).write_whole(state.getvalue())
+    directory.child(METRICS_FILE).write_whole(json.dumps(metrics, indent=2).encode())
+
+
+def load_training_state(directory: Path) -> tuple[dict, dict[str, Any]]:
+    """The model's state dict (torch tensors) and the training state of a local checkpoint directory."""
     import torch
 
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    torch.save(training_state, directory / STATE_FILE)
+    if (directory / MODEL_FILE).exists():
+        from safetensors.torch import load_file
+
+        weights = load_file(directory / MODEL_FILE)
+    else:
+        weights = torch.load(directory / LEGACY_MODEL_FILE, map_location="cpu", weights_only=True)
+    return weights, torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def load_training_state(directory: Path) -> dict[str, Any]:
-    import torch
-
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+def latest_checkpoint(run_dir: StoragePath) -> StoragePath | None:
+    """The run's checkpoint of its latest epoch: where a resume continues from."""
+    return _pick(run_dir, lambda metrics, name: (metrics["epoch"], name))
 
 
 def best_checkpoint(run_dir: StoragePath) -> StoragePath | None:
     """The run's checkpoint with the highest validation accuracy (the later epoch wins a tie), or
     its last one for a run without a validation split."""
-    scored = []
+    return _pick(run_dir, lambda metrics, name: (metrics.get("val_accuracy", 0.0), metrics["epoch"], name))
+
+
+def checkpoint_metrics(run_dir: StoragePath) -> dict[str, dict]:
+    """The metrics of each whole checkpoint of a run directory, by its name."""
+    found = {}
     for name in run_dir.subdirectories():
-        if not name.startswith("checkpoint_"):
+        if not name.startswith(CHECKPOINT_PREFIX):
             continue
         try:
-            m = json.loads(run_dir.child(name).read_text(METRICS_FILE))
-            scored.append((m.get("val_accuracy", 0.0), m["epoch"], name))
-        except (OSError, ValueError, KeyError):
+            found[name] = json.loads(run_dir.child(name).read_text(METRICS_FILE))
+        except (OSError, ValueError):
             continue  # a checkpoint being written, or not ours: not a candidate
-    return run_dir.child(max(scored)[2]) if scored else None
+    return found
+
+
+def _pick(run_dir: StoragePath, key) -> StoragePath | None:
+    scored = []
+    for name, metrics in checkpoint_metrics(run_dir).items():
+        try:
+            scored.append((key(metrics, name), name))
+        except (KeyError, TypeError):
+            continue
+    return run_dir.child(max(scored)[1]) if scored else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> StoragePath:
@@ -84,7 +118,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> StoragePath:
         raise InputError(f"checkpoint {location.uri} does not exist; pass a checkpoint or run directory")
     if location.is_file():
         raise InputError(f"checkpoint {location.uri} is a file; pass a checkpoint or run directory")
-    checkpoint = location if location.child(MODEL_FILE).exists() else best_checkpoint(location)
+    is_checkpoint = location.child(MODEL_FILE).exists() or location.child(LEGACY_MODEL_FILE).exists()
+    checkpoint = location if is_checkpoint else best_checkpoint(location)
     if checkpoint is None:
         raise InputError(
             f"{location.uri} is neither a checkpoint directory (no {MODEL_FILE}) nor a run directory with checkpoints"
@@ -105,13 +140,13 @@ def load_checkpoint(checkpoint: StoragePath) -> Classifier:
 
 
 def load_numpy_checkpoint(checkpoint: StoragePath) -> NumpyClassifier:
-    """The network of a checkpoint directory as numpy arrays, read without torch; one on object
-    storage is fetched first."""
+    """The network of a checkpoint directory as numpy arrays (without torch, for model.safetensors);
+    one on object storage is fetched first."""
     if not is_uri(checkpoint.uri):
         return _load_directory(Path(checkpoint.path), checkpoint.uri)
     with tempfile.TemporaryDirectory(prefix="fmnist-checkpoint-") as local:
         # Only what the network needs: not the optimizer's state, twice the model's size.
-        for name in (CONFIG_FILE, MODEL_FILE):
+        for name in (CONFIG_FILE, MODEL_FILE, LEGACY_MODEL_FILE):
             source = checkpoint.child(name)
             if source.exists():  # a missing one is told by _load_directory, as for a local checkpoint
                 Path(local, name).write_bytes(source.read_bytes())
@@ -125,53 +160,43 @@ def _load_directory(directory: Path, shown: str) -> NumpyClassifier:
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the path of a fetched copy
         raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({why})") from None
+    legacy = not (directory / MODEL_FILE).exists() and (directory / LEGACY_MODEL_FILE).exists()
+    name = LEGACY_MODEL_FILE if legacy else MODEL_FILE
     try:
-        state = read_state_dict(directory / MODEL_FILE)
+        state = _read_legacy_weights(directory / name) if legacy else _read_weights(directory / name)
     except OSError as e:
-        raise InputError(f"checkpoint {shown}: cannot read {MODEL_FILE} ({e.strerror or e})") from None
-    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError):
-        raise InputError(f"checkpoint {shown}: {MODEL_FILE} is not a saved model (damaged, or not ours)") from None
+        raise InputError(f"checkpoint {shown}: cannot read {name} ({e.strerror or e})") from None
+    except Exception:  # safetensors and torch.load raise their own kinds for a damaged file
+        raise InputError(f"checkpoint {shown}: {name} is not a saved model (damaged, or not ours)") from None
     try:
         return NumpyClassifier.from_state_dict(state, config)
-    except ValueError as e:  # not a state dict, or weights that do not fit
-        raise InputError(f"checkpoint {shown}: {MODEL_FILE} does not fit the model of {CONFIG_FILE} ({e})") from None
+    except ValueError as e:  # weights that do not fit
+        raise InputError(f"checkpoint {shown}: {name} does not fit the model of {CONFIG_FILE} ({e})") from None
 
 
-def read_state_dict(path: Path) -> Any:
-    """What torch.save wrote to ``path`` (a state dict: {name: numpy array}), read without torch.
+def _read_weights(path: Path) -> dict:
+    from safetensors.numpy import load
 
-    As torch.load(weights_only=True) does, only plain containers and tensors are unpickled."""
-    with zipfile.ZipFile(path) as archive:
-        pickled = [name for name in archive.namelist() if name.endswith("/data.pkl")]
-        if len(pickled) != 1:
-            raise ValueError("no pickle in the archive")
-        root = pickled[0].rsplit("/", 1)[0]  # the archive's folder: the file's name when it was saved
-        if archive.read(f"{root}/byteorder").decode() != "little":
-            raise ValueError("big-endian tensors")
-
-        class StateDictUnpickler(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                if (module, name) == ("collections", "OrderedDict"):
-                    return collections.OrderedDict
-                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                    return _rebuild_tensor
-                if (module, name) == ("torch", "FloatStorage"):  # our models' tensors are all float32
-                    return np.float32
-                raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
-
-            def persistent_load(self, saved_id: tuple) -> np.ndarray:  # ('storage', type, key, device, numel)
-                _, dtype, key, _, numel = saved_id
-                return np.frombuffer(archive.read(f"{root}/data/{key}"), dtype, count=numel)
-
-        return StateDictUnpickler(io.BytesIO(archive.read(pickled[0]))).load()
+    return load(path.read_bytes())  # (load_file would keep the file open, mapped, for the arrays' lifetime)
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2, for numpy: the tensor's elements of its storage (strides in elements)."""
-    if min(size, default=1) == 0:
-        return np.empty(size, storage.dtype)
-    last = offset + sum((n - 1) * step for n, step in zip(size, stride))
-    if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):  # a damaged file: never read past it
-        raise ValueError("a tensor outside its storage")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [step * storage.itemsize for step in stride])
-    return view.copy()
+def _read_legacy_weights(path: Path) -> dict:
+    """An older checkpoint's model.pt (torch.save of a state dict), as numpy arrays; with torch."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError("not a state dict")
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def prune_checkpoints(run_dir: StoragePath, keep: int, by_validation: bool) -> None:
+    """Keep ``keep`` checkpoints as Ray Train's CheckpointConfig(num_to_keep) does: the best by
+    validation accuracy (the later epoch on a tie) and the latest, or without a validation split
+    the latest ones. For runs in local mode, whose checkpoints Ray Train does not manage."""
+    metrics = checkpoint_metrics(run_dir)
+    latest = sorted(metrics, key=lambda n: (metrics[n]["epoch"], n), reverse=True)
+    ranked = sorted(metrics, key=lambda n: (metrics[n].get("val_accuracy", 0.0), metrics[n]["epoch"], n),
+                    reverse=True) if by_validation else latest
+    for name in set(metrics) - set(ranked[:keep]) - set(latest[:1]):
+        run_dir.fs.delete_dir(run_dir.child(name).path)

@@ -14,7 +14,13 @@ from fmnist.errors import InputError
 from fmnist.storage import StoragePath, storage_env_vars
 
 
-EMBEDDED_LABEL = "fmnist/embedded"  # on the node of a local Ray instance that start_ray started
+_embedded = False  # whether start_ray started this process's Ray as a local instance
+
+
+def quiet_ray_logs(verbose: bool) -> None:
+    """Keep Ray's own log lines off the user's terminal, unless ``verbose``."""
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 def start_ray(verbose: bool = False) -> bool:
@@ -23,27 +29,14 @@ def start_ray(verbose: bool = False) -> bool:
     Returns whether this call connected (then the caller shuts Ray down). Ray's own log
     lines are kept off the user's terminal unless ``verbose``.
     """
-    if not verbose:
-        logging.getLogger("ray").setLevel(logging.ERROR)
-        # Workers' print/log lines would interleave with our progress display.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    global _embedded
+    quiet_ray_logs(verbose)
     if ray.is_initialized():
         return False
     # A submitted job (or the user) names the cluster in RAY_ADDRESS; otherwise start our own
     # instance rather than join whatever `ray start` left running on this machine.
     address = os.environ.get("RAY_ADDRESS") or "local"
     storage_settings = _storage_settings_for_workers()
-    # Settings only a new instance takes:
-    # - Ray starts a worker process per CPU ahead, for tasks to come. Training's actors each start
-    #   their own, so on a small machine these only compete with the run's start (1 s to the first
-    #   epoch here: bench/RESULTS.md); tasks start theirs as they come.
-    # - Ray warns ("N PYTHON worker processes have been started") once 4x as many processes live as
-    #   it starts at once, one per CPU by default. A search's trial is 6 (the trial, Ray Train's
-    #   controller, worker and synchronization actor, our progress queue, Ray Tune's report queue),
-    #   so 2 trials on 2 cores set it off; 2 per CPU at once made no difference to any start's time
-    #   (bench/RESULTS.md).
-    new_instance_settings = {"prestart_worker_first_driver": False,
-                             "worker_maximum_startup_concurrency": 2 * (os.cpu_count() or 1)}
     ray.init(
         address=address,
         runtime_env={"env_vars": storage_settings} if storage_settings else None,
@@ -51,9 +44,8 @@ def start_ray(verbose: bool = False) -> bool:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         configure_logging=True,
-        labels={EMBEDDED_LABEL: "true"} if address == "local" else None,
-        _system_config=new_instance_settings if address == "local" else None,
     )
+    _embedded = address == "local"
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
     return True
@@ -71,10 +63,9 @@ def _storage_settings_for_workers() -> dict[str, str]:
 
 
 def is_embedded() -> bool:
-    """Whether Ray is a local instance that start_ray started (here, or in the driver of the search
-    whose trial runs in this process): one machine whose cores the job may use as it likes, and no
-    autoscaler to wait for. Otherwise it is a cluster."""
-    return ray.is_initialized() and ray.get_runtime_context().get_node_labels().get(EMBEDDED_LABEL) == "true"
+    """Whether Ray is a local instance that start_ray started in this process: one machine whose
+    cores the job may use as it likes, and no autoscaler to wait for. Otherwise it is a cluster."""
+    return _embedded and ray.is_initialized()
 
 
 def file_task_options(location: StoragePath | None) -> dict:

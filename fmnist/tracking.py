@@ -1,7 +1,7 @@
 """Experiment tracking from the driver: TensorBoard event files, always, and MLflow when asked.
 
-Every run writes TensorBoard event files into its run directory (written with tensorboardX,
-which Ray's [train] extra installs): each epoch's figures as scalars, with the epoch as the
+Every run writes TensorBoard event files into its run directory (written with tensorboardX's
+FileWriter): each epoch's figures as scalars, with the epoch as the
 step, and at the end the recipe with the final figures for the HParams view. Each (re)start
 writes a new event file beside the earlier ones; an epoch is written once, by the process
 that reported it first. On object storage the event files are written in a local temporary
@@ -63,53 +63,38 @@ def _hparam(value):
     return "none" if value is None else value
 
 
-def _import_tensorboardx() -> None:
-    """Import tensorboardX without torch. Its package imports torch where torch is installed, for
-    its SummaryWriter, which we do not use: 1.5 s and 0.4 GiB in a driver (or a search's trial)
-    that otherwise never imports torch. While torch is marked missing, its import raises the
-    ImportError that tensorboardX expects of a machine without it."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        return
-    sys.modules["torch"] = None
-    try:
-        import tensorboardX  # noqa: F401
-    finally:
-        del sys.modules["torch"]
-
-
 class _EventFiles:
     """One TensorBoard event file of a run directory, written locally and uploaded when it is not."""
 
     def __init__(self, run_dir: StoragePath):
-        _import_tensorboardx()
-        # tensorboardX's writer of the file itself, synchronous: its SummaryWriter queues events
-        # to a thread, and a flush would not wait for them.
-        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX import FileWriter
 
         self.run_dir = run_dir
-        local = isinstance(run_dir.fs, pafs.LocalFileSystem)
-        self.local_dir = run_dir.path if local else tempfile.mkdtemp(prefix="fmnist-tensorboard-")
-        os.makedirs(self.local_dir, exist_ok=True)
+        self.local_dir = run_dir.path if run_dir.is_local else tempfile.mkdtemp(prefix="fmnist-tensorboard-")
         # A suffix of our own: tensorboardX names files by the second, and a resume or the
-        # pipeline's evaluation may open another one within it.
-        self.writer = EventsWriter(os.path.join(self.local_dir, "events"), f".{os.getpid()}.{time.time_ns()}")
+        # pipeline's evaluation may open another one within it. Its thread writes each event
+        # within a second.
+        self.writer = FileWriter(self.local_dir, flush_secs=1, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def add(self, summary, step: int) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-
-        self.writer.write_event(Event(summary=summary, step=step, wall_time=time.time()))
+        self.writer.add_summary(summary, step)
 
     def flush(self) -> None:
+        """Upload what is written so far (object storage): the writer's thread may still hold the
+        latest events, which the next flush or close() uploads."""
         self.writer.flush()
-        if self.local_dir != self.run_dir.path:
-            for name in os.listdir(self.local_dir):
-                self.run_dir.write(name, Path(self.local_dir, name).read_bytes())
+        if not self.run_dir.is_local:
+            self._upload()
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
-        if self.local_dir != self.run_dir.path:
+        self.writer.close()  # every event written
+        if not self.run_dir.is_local:
+            self._upload()
             shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def _upload(self) -> None:
+        for name in os.listdir(self.local_dir):
+            self.run_dir.write(name, Path(self.local_dir, name).read_bytes())
 
 
 def _image_summary(tag: str, png: bytes):

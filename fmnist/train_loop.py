@@ -1,13 +1,18 @@
 """What each Ray Train worker runs: the training loop, in torch.
 
 Every epoch ends with exact global figures over the whole test set (and the held-out validation
-images), a checkpoint and a report; rank 0 streams batch progress to the driver through a Ray
-queue. Only the workers import this module, and torch with it: the driver hands Ray Train
-``training.train_loop_per_worker``, which imports it in the worker.
+images), a checkpoint and a report; rank 0 streams progress to the driver (a Ray queue, or in
+local mode, where the loop runs in the driver's own process, a plain callback). Only the
+processes that train import this module, and torch with it: the driver hands Ray Train
+``training.train_loop_per_worker``, which imports it where it runs.
+
+In Ray Train's local mode nothing persists a reported checkpoint: rank 0 (the only worker) then
+writes it into the run directory itself, and keeps ``keep`` of them as Ray Train would.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -20,9 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fmnist.checkpoints import MODEL_FILE, load_training_state, save_checkpoint
+from fmnist.checkpoints import (
+    METRICS_FILE, checkpoint_name, load_training_state, prune_checkpoints, save_checkpoint,
+)
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.run_configs import learning_rate
+from fmnist.storage import StoragePath
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -86,24 +94,51 @@ class _ProgressSender:
             self.queue.put_nowait(("batch", self.epoch, done, total))
 
 
+def _epoch_of(checkpoint: ray.train.Checkpoint) -> int:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{METRICS_FILE}") as f:
+        return json.loads(f.read())["epoch"]
+
+
+def _resume_point(resume_from: str | None) -> ray.train.Checkpoint | None:
+    """The checkpoint to continue from, of the later epoch: Ray Train's latest of this run (on a
+    resume, or after a worker failure), or the run directory's latest, which the driver names
+    (local mode writes checkpoints that Ray Train does not know of)."""
+    candidates = [ray.train.get_checkpoint()]
+    if resume_from:
+        where = StoragePath.parse(resume_from)
+        candidates.append(ray.train.Checkpoint(where.path, filesystem=where.fs))
+    candidates = [c for c in candidates if c is not None]
+    return max(candidates, key=_epoch_of) if candidates else None
+
+
+def _array(data):
+    """An array of the loop config: in Ray's object store, or (local mode) the driver's own."""
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """The training loop of one Ray Train worker, per ``cfg`` (training._fit's loop config)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = cfg["local_mode"]
     torch.set_num_threads(cfg["threads"])
-    device = ray.train.torch.get_device()
     model_config = ModelConfig.from_dict(cfg["model_config"])
     epochs, seed = cfg["epochs"], cfg["seed"]
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = Classifier(model_config)
-    checkpoint = ray.train.get_checkpoint()  # set when resumed, or restarted after a worker failure
+    checkpoint = _resume_point(cfg["resume_from"])
     state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_training_state(Path(d))
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+            weights, state = load_training_state(Path(d))
+            model.load_state_dict(weights)
+    if local:  # one process, no Ray: no DDP, and the device is this machine's
+        device = torch.device("cuda" if cfg["use_gpu"] else "cpu")
+        model = model.to(device)
+    else:
+        device = ray.train.torch.get_device()
+        model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
     bare_model = model.module if hasattr(model, "module") else model
     # Made after the move: loading a state dict puts the optimizer's state on its parameters' device.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -114,13 +149,14 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     data = cfg["data"]
     # torch.tensor copies: the object store's arrays are read-only.
-    train_x = normalize(torch.tensor(ray.get(data["train_images"])), model_config).to(device)
-    train_y = torch.tensor(ray.get(data["train_labels"])).to(device)
-    test_x = normalize(torch.tensor(ray.get(data["test_images"])), model_config).to(device)
-    test_y = torch.tensor(ray.get(data["test_labels"])).to(device)
+    train_x = normalize(torch.tensor(_array(data["train_images"])), model_config).to(device)
+    train_y = torch.tensor(_array(data["train_labels"])).to(device)
+    test_x = normalize(torch.tensor(_array(data["test_images"])), model_config).to(device)
+    test_y = torch.tensor(_array(data["test_labels"])).to(device)
     if "val_images" in data:
-        val_x = normalize(torch.tensor(ray.get(data["val_images"])), model_config).to(device)
-        val_y = torch.tensor(ray.get(data["val_labels"])).to(device)
+        val_x = normalize(torch.tensor(_array(data["val_images"])), model_config).to(device)
+        val_y = torch.tensor(_array(data["val_labels"])).to(device)
+    run_dir = StoragePath.parse(cfg["run_dir"])
 
     for epoch in range(first_epoch, epochs + 1):
         # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted
@@ -148,12 +184,16 @@ def train_loop_per_worker(cfg: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                row["epoch_seconds"] = time.perf_counter() - started  # the checkpoint's own save included
+                row["epoch_seconds"] = time.perf_counter() - started  # what metrics.json records
                 history.append(row)
                 state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "seed": seed, "history": history}
-                save_checkpoint(Path(tmp), bare_model, model_config, row, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                if local:  # written once, where it stays
+                    save_checkpoint(run_dir.child(checkpoint_name()), bare_model, model_config, row, state)
+                    prune_checkpoints(run_dir, cfg["keep"], by_validation="val_images" in data)
+                else:
+                    save_checkpoint(StoragePath.parse(tmp), bare_model, model_config, row, state)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=ckpt)
         if rank == 0:
-            row["epoch_seconds"] = time.perf_counter() - started  # now with the upload to storage
+            row["epoch_seconds"] = time.perf_counter() - started  # now with the checkpoint written to storage
             cfg["progress"].put_nowait(("epoch", row, history))

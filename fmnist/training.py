@@ -1,9 +1,12 @@
 """Data-parallel training of the classifier on Ray Train: the driver's side.
 
-The driver reads and validates the data once and puts it in Ray's object store, starts Ray
-Train's workers on the training loop (fmnist.train_loop), draws the progress rank 0 streams
-to it through a Ray queue, and writes the run's files. It never imports torch: only the
-workers train.
+On one's own machine with one worker (the default there) the run uses Ray Train's local mode:
+the training loop (fmnist.train_loop) runs in this process, no Ray instance is started, and each
+epoch's figures reach the driver's files by a plain call. Everywhere else (--num-workers N,
+RAY_ADDRESS: a cluster or `ray job submit`) it is Ray Train's stock TorchTrainer: the driver puts
+the data in Ray's object store once, the workers train, and rank 0 streams its progress to the
+driver through a Ray queue. Either way the run directory looks the same, and the driver writes
+history.csv, the loss curve and the tracking as epochs end.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import contextlib
 import functools
 import json
 import os
+import queue
+import signal
 import sys
 import threading
 import time
@@ -21,17 +26,15 @@ from typing import Callable, Sequence
 
 import ray
 import ray.train
-import ray.util.queue
 from rich.console import Console
 
-from fmnist.checkpoints import METRICS_FILE, best_checkpoint
-from fmnist.cluster import is_embedded, one_per_gpu, start_ray, wait_for_resources
+from fmnist.checkpoints import METRICS_FILE, best_checkpoint, latest_checkpoint
+from fmnist.cluster import is_embedded, one_per_gpu, quiet_ray_logs, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig, learning_rate
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import TrainingTracker, check_mlflow
-from fmnist.trainer import Trainer
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 
 RUN_CONFIG_FILE = "train_config.json"
@@ -122,28 +125,41 @@ def _note_changed_placement(config: TrainConfig, saved: dict) -> None:
               "differ from an uninterrupted run's", file=sys.stderr)
 
 
+def runs_in_local_mode(config: TrainConfig) -> bool:
+    """Whether ``config`` trains in Ray Train's local mode: one worker on one's own machine (no
+    RAY_ADDRESS, and no Ray instance in this process already)."""
+    return config.num_workers in (None, 1) and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+
+
+def _placed_locally(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """``config`` placed on this machine: one worker, its GPU where it has one, every core as torch threads."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if config.use_gpu and not has_gpu:
+        raise InputError("--use-gpu: this machine has no GPU that torch can use; pass --no-gpu, or run on a "
+                         "cluster with RAY_ADDRESS")
+    use_gpu = has_gpu if config.use_gpu is None else config.use_gpu
+    cores = os.cpu_count() or 1
+    cpus = config.cpus_per_worker or cores
+    if cpus > cores:
+        raise InputError(f"training with 1 worker needs {cpus} CPU but this machine has {cores} CPU; ask for fewer "
+                         "(--num-workers, --cpus-per-worker)")
+    why = "no Ray instance: one worker with every core is the fastest on one machine; --num-workers N for DDP"
+    return replace(config, use_gpu=use_gpu, num_workers=1, cpus_per_worker=cpus), why
+
+
 def _placed(config: TrainConfig) -> tuple[TrainConfig, str]:
-    """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads)
-    each; and why, where the worker count was chosen for speed."""
+    """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
     total = ray.cluster_resources()
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
-    why = ""
-    if config.num_workers:
-        workers = config.num_workers
-    elif use_gpu:
-        workers = one_per_gpu()
-    elif is_embedded():
-        # On one machine DDP between processes only adds communication: one worker with every
-        # core trains fastest (bench/RESULTS.md).
-        workers, why = 1, "one worker with every core is the fastest on one machine; --num-workers N for DDP"
-    else:
-        workers = CPU_WORKERS
+    workers = config.num_workers or (one_per_gpu() if use_gpu else CPU_WORKERS)
     cpus = config.cpus_per_worker
     if cpus is None:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
         # Ray Train's default of 1 so that workers pack onto nodes.
         cpus = max(1, int(total.get("CPU", 1)) // workers) if is_embedded() else 1
-    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus), why
+    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus), ""
 
 
 def _count(n: int, thing: str) -> str:
@@ -168,63 +184,83 @@ def _resume_hint(console: Console, config: TrainConfig):
         raise
 
 
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
 def _failures(error: ray.train.TrainingFailedError) -> str:
     """What each failed worker (or the controller) raised: the last line of its error."""
-    def last_line(e: BaseException) -> str:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return (lines[-1] if lines else type(e).__name__)[:200]
-
     failures = getattr(error, "worker_failures", None)
     if failures:
-        return "; ".join(f"worker {rank}: {last_line(e)}" for rank, e in sorted(failures.items()))
-    return last_line(getattr(error, "controller_failure", error))
+        return "; ".join(f"worker {rank}: {_last_line(e)}" for rank, e in sorted(failures.items()))
+    return _last_line(getattr(error, "controller_failure", error))
+
+
+class _RunFiles:
+    """What the driver does with each event rank 0 sends: draws the progress, and as an epoch ends
+    writes history.csv, tracks the figures and tells ``on_epoch`` (a search's trial reports to Tune)."""
+
+    def __init__(self, view: TrainingConsole, run_dir: StoragePath, tracker: TrainingTracker, called_at: float,
+                 on_epoch: Callable[[dict], None] | None):
+        self.view, self.run_dir, self.tracker, self.called_at, self.on_epoch = view, run_dir, tracker, called_at, on_epoch
+        self.history: list[dict] = []
+        self.startup_seconds: float | None = None
+
+    def put_nowait(self, event: tuple) -> None:
+        """One event (as a queue takes it: local mode's loop calls this directly)."""
+        if event[0] == "batch":
+            self.view.batch(*event[1:])
+            return
+        _, row, self.history = event
+        if self.startup_seconds is None:
+            self.startup_seconds = time.perf_counter() - self.called_at - row["epoch_seconds"]
+        self.view.epoch_done(row)
+        self.run_dir.write("history.csv", history_csv(self.history).encode())
+        self.tracker.epochs(self.history)
+        if self.on_epoch:
+            self.on_epoch(row)
 
 
 class _ProgressDrawer(threading.Thread):
-    """Draws the progress rank 0 streams and writes the run's files as epochs end, beside fit(),
-    which keeps the calling thread (the main one on the command line, where Ctrl-C lands)."""
+    """Hands the events of a Ray queue to ``_RunFiles`` beside fit(), which keeps the calling thread
+    (the main one on the command line, where Ctrl-C lands). A failure to write the run's files is
+    kept for the caller, and stops the run with ``abort_run`` where there is one."""
 
-    def __init__(self, progress: ray.util.queue.Queue, view: TrainingConsole, run_dir: StoragePath,
-                 tracker: TrainingTracker, called_at: float, abort_run: Callable[[], None]):
+    def __init__(self, progress, files: _RunFiles, abort_run: Callable[[], None] | None):
         super().__init__(daemon=True)
-        self.progress, self.view, self.run_dir, self.tracker = progress, view, run_dir, tracker
-        self.called_at, self.abort_run = called_at, abort_run
-        self.history: list[dict] = []
-        self.startup_seconds: float | None = None
+        self.progress, self.files, self.abort_run = progress, files, abort_run
         self.error: BaseException | None = None
         self._fit_returned = threading.Event()
 
     def run(self) -> None:
-        try:
-            while not (self._fit_returned.is_set() and self.progress.empty()):
+        while not (self._fit_returned.is_set() and self.progress.empty()):
+            try:
+                event = self.progress.get(timeout=0.2)
+            except queue.Empty:  # ray.util.queue.Empty is one
+                continue
+            if self.error is None:
                 try:
-                    event = self.progress.get(timeout=0.2)
-                except ray.util.queue.Empty:
-                    continue
-                if event[0] == "batch":
-                    self.view.batch(*event[1:])
-                    continue
-                _, row, self.history = event
-                if self.startup_seconds is None:
-                    self.startup_seconds = time.perf_counter() - self.called_at - row["epoch_seconds"]
-                self.view.epoch_done(row)
-                self.run_dir.write("history.csv", history_csv(self.history).encode())
-                self.tracker.epochs(self.history)
-        except BaseException as e:  # e.g. the run directory cannot be written: the run stops
-            self.error = e
-            self.abort_run()
+                    self.files.put_nowait(event)
+                except BaseException as e:
+                    self.error = e
+                    if self.abort_run:
+                        self.abort_run()
 
     def finish(self) -> None:
-        """Returns once every event the run sent is drawn and written: Ray may then shut down."""
+        """Returns once every event the run sent is handled: Ray may then shut down."""
         self._fit_returned.set()
         self.join()
 
 
 def train(config: TrainConfig, console: Console | None = None, *, data: FashionMNIST | None = None,
-          callbacks: Sequence[ray.train.UserCallback] = ()) -> TrainResult:
+          callbacks: Sequence[ray.train.UserCallback] = (), on_epoch: Callable[[dict], None] | None = None,
+          local_mode: bool | None = None) -> TrainResult:
     """Train per ``config``; returns where the run and its best checkpoint are.
 
-    A search's trial passes the ``data`` its driver read, and ``callbacks`` that report to Ray Tune.
+    ``local_mode``: Ray Train's local mode (None: where runs_in_local_mode says so). A search's
+    trial passes the ``data`` its driver read, and reports each epoch to Ray Tune: in local mode by
+    ``on_epoch``, on Ray Train's workers by ``callbacks``.
     """
     console = console or Console()
     called_at = time.perf_counter()
@@ -233,55 +269,80 @@ def train(config: TrainConfig, console: Console | None = None, *, data: FashionM
     _check_batch_splits(config)  # with --num-workers given, before Ray starts
     if data is None:
         data = load_fashion_mnist(config.data_dir)  # validated before any worker starts
-    started_ray = start_ray(config.verbose)
+    if local_mode is None:
+        local_mode = runs_in_local_mode(config)
+    quiet_ray_logs(config.verbose)
+    started_ray = False if local_mode else start_ray(config.verbose)
     try:
-        config, why = _placed(config)
-        _check_batch_splits(config)  # with the worker count the cluster decided
-        workers = config.num_workers
-        remedy = "ask for fewer (--num-workers, --cpus-per-worker)" + (" or --no-gpu" if config.use_gpu else "")
-        wait_for_resources({"CPU": config.cpus_per_worker, "GPU": int(config.use_gpu)}, workers,
-                           f"training with {_count(workers, 'worker')}", remedy,
-                           0 if is_embedded() else config.resource_timeout_s, console)
+        if local_mode:
+            config, why = _placed_locally(config)
+        else:
+            config, why = _placed(config)
+            _check_batch_splits(config)  # with the worker count the cluster decided
+            workers = config.num_workers
+            remedy = "ask for fewer (--num-workers, --cpus-per-worker)" + (" or --no-gpu" if config.use_gpu else "")
+            wait_for_resources({"CPU": config.cpus_per_worker, "GPU": int(config.use_gpu)}, workers,
+                               f"training with {_count(workers, 'worker')}", remedy,
+                               0 if is_embedded() else config.resource_timeout_s, console)
         # Also on a resume: it keeps a new --epochs for the next resume, and marks the latest run.
         run_dir.write(RUN_CONFIG_FILE, json.dumps(asdict(config), indent=2).encode())
         recipe = {k: getattr(config, k) for k in RECIPE_FIELDS}
         lr = functools.partial(learning_rate, config.lr, config.schedule, epochs=config.epochs)  # of an epoch
         with TrainingTracker(run_dir, config.name, recipe, lr, config.mlflow) as tracker:
-            return _fit(config, run_dir, data, console, called_at, why, callbacks, tracker)
+            where = "GPU" if config.use_gpu else f"CPU, {_count(config.cpus_per_worker, 'thread')}"
+            where += " each" * (config.num_workers > 1 and not config.use_gpu) + (f"; {why}" if why else "")
+            verb = "Resuming" if config.resume else "Training"
+            mode = " in Ray Train's local mode" if local_mode else ""
+            console.print(f"[bold]{verb}[/] {run_dir.uri}: {_count(config.epochs, 'epoch')} on "
+                          f"{_count(config.num_workers, 'worker')}{mode} ({where})")
+            with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
+                files = _RunFiles(view, run_dir, tracker, called_at, on_epoch)
+                try:
+                    if local_mode:
+                        _fit_locally(config, run_dir, data, files)
+                    else:
+                        _fit_on_ray(config, run_dir, data, files, callbacks)
+                finally:
+                    # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
+                    # takes CPU from the workers on a small machine.
+                    if files.history:
+                        run_dir.write("loss_curve.png", loss_curve_png(files.history))
+            return _finish(config, run_dir, files, tracker, console)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console: Console, called_at: float,
-         why: str, callbacks: Sequence[ray.train.UserCallback], tracker: TrainingTracker) -> TrainResult:
-    """Run the trainer (``config`` placed, for the reason ``why``) while drawing its progress and
-    writing the run's files (and tracking them)."""
-    # Ray Train's controller collects each report when it polls the workers (every 2 s by
-    # default) and a worker's next report waits for that: epochs would take >= 2 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if is_embedded():
-        # Ray Train's feature flag for its preemption watcher (an actor that polls Ray for nodes
-        # being drained): one's own machine is not taken away, and the actor's start costs a second.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+def _loop_config(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, progress, local_mode: bool) -> dict:
+    """What the training loop gets: the data (Ray object refs, or in local mode the arrays
+    themselves), the recipe, and where to continue from and report to."""
     arrays = {k: getattr(data, k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
     if config.validation:
         kept, held_out = validation_split(data.train_labels, config.validation, config.seed)
         arrays.update(train_images=data.train_images[kept], train_labels=data.train_labels[kept],
                       val_images=data.train_images[held_out], val_labels=data.train_labels[held_out])
-    loop_config = {
-        "data": {k: ray.put(v) for k, v in arrays.items()},
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    return {
+        "data": arrays if local_mode else {k: ray.put(v) for k, v in arrays.items()},
         "model_config": config.model_config().to_dict(),
-        "threads": config.cpus_per_worker, "progress": progress,
+        "threads": config.cpus_per_worker, "use_gpu": config.use_gpu, "progress": progress,
+        "local_mode": local_mode, "run_dir": run_dir.uri, "keep": config.keep,
+        "resume_from": resume_from.uri if resume_from else None,
         **{k: getattr(config, k) for k in RECIPE_FIELDS},
     }
-    trainer = Trainer(
+
+
+def _trainer(config: TrainConfig, loop_config: dict, callbacks: Sequence[ray.train.UserCallback]):
+    from ray.train.torch import TorchTrainer
+
+    local_mode = loop_config["local_mode"]
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        # num_workers=0 is Ray Train's local mode: the loop runs in this process.
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker},
+            num_workers=0 if local_mode else config.num_workers, use_gpu=config.use_gpu and not local_mode,
+            resources_per_worker=None if local_mode else {"CPU": config.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=config.name,
@@ -295,39 +356,62 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
             callbacks=list(callbacks),
         ),
     )
-    cpus = config.cpus_per_worker
-    where = "GPU" if config.use_gpu else f"CPU, {_count(cpus, 'thread')}" + " each" * (config.num_workers > 1)
-    where += f"; {why}" if why else ""
-    verb = "Resuming" if config.resume else "Training"
-    console.print(f"[bold]{verb}[/] {run_dir.uri}: {_count(config.epochs, 'epoch')} on "
-                  f"{_count(config.num_workers, 'worker')} ({where})")
 
-    with TrainingConsole(console, config.epochs) as view, _resume_hint(console, config):
-        drawer = _ProgressDrawer(progress, view, run_dir, tracker, called_at, trainer.abort)
-        drawer.start()
-        fit_error = None
-        try:
-            trainer.fit()  # its result's best checkpoint has no URI scheme: the run directory is read instead
-        except BaseException as e:
-            # The run's workers stop before Ray does: on Ctrl-C, a failure, or the drawer's error.
-            trainer.abort()
-            fit_error = e
-        finally:
-            drawer.finish()  # no thread is left in a Ray call when Ray shuts down: that would crash the process
-            progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
-            # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
-            # takes CPU from the workers on a small machine.
-            if drawer.history:
-                run_dir.write("loss_curve.png", loss_curve_png(drawer.history))
-        if drawer.error is not None:  # it aborted the run
-            raise drawer.error
-        if isinstance(fit_error, ray.train.TrainingFailedError):
-            raise JobFailed(f"training failed ({_failures(fit_error)}); after fixing the cause, continue "
-                            f"from the last checkpoint with --resume --storage-path {config.storage_path} "
-                            f"--name {config.name}") from fit_error
-        if fit_error is not None:
-            raise fit_error
-    # The run's best as `--checkpoint RUN` will pick it, with its URI.
+
+def _fit_locally(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, files: _RunFiles) -> None:
+    """Ray Train's local mode: the loop runs here and calls ``files`` itself; its errors are this
+    process's (a failure to write the run's files stops the run at once)."""
+    trainer = _trainer(config, _loop_config(config, run_dir, data, files, local_mode=True), ())
+    try:
+        trainer.fit()
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # as a worker's failure on Ray: the run continues from its last checkpoint
+        raise JobFailed(f"training failed ({_last_line(e)}); after fixing the cause, continue from the last "
+                        f"checkpoint with --resume --storage-path {config.storage_path} --name {config.name}") from e
+
+
+def _fit_on_ray(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, files: _RunFiles,
+                callbacks: Sequence[ray.train.UserCallback]) -> None:
+    """Ray Train's workers train; their progress comes through a Ray queue that a thread hands to ``files``."""
+    import ray.util.queue
+
+    progress = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+    trainer = _trainer(config, _loop_config(config, run_dir, data, progress, local_mode=False), callbacks)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
+    # The drawer stops the run as Ctrl-C does, through Ray Train's handler (on the main thread only;
+    # elsewhere, as in a search's trial, the run's own writes to the same storage fail it).
+    drawer = _ProgressDrawer(progress, files, functools.partial(signal.raise_signal, signal.SIGINT)
+                             if on_main_thread else None)
+    drawer.start()
+    fit_error = None
+    try:
+        # On Ctrl-C, Ray Train's handler (which fit() installs on the main thread) aborts the run,
+        # workers first, and fit() returns.
+        trainer.fit()
+    except BaseException as e:
+        fit_error = e
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous_sigint)  # Ray Train leaves its handler installed
+        drawer.finish()  # no thread is left in a Ray call when Ray shuts down: that would crash the process
+        progress.shutdown(force=True)  # drained; its actor would outlive the run in a Ray session that goes on
+    if drawer.error is not None:
+        raise drawer.error
+    if isinstance(fit_error, ray.train.TrainingFailedError):
+        raise JobFailed(f"training failed ({_failures(fit_error)}); after fixing the cause, continue "
+                        f"from the last checkpoint with --resume --storage-path {config.storage_path} "
+                        f"--name {config.name}") from fit_error
+    if fit_error is not None:
+        raise fit_error
+    if not files.history or files.history[-1]["epoch"] < config.epochs:
+        raise KeyboardInterrupt  # fit() returned before the last epoch: Ray Train's handler aborted the run
+
+
+def _finish(config: TrainConfig, run_dir: StoragePath, files: _RunFiles, tracker: TrainingTracker,
+            console: Console) -> TrainResult:
+    """The run's best checkpoint as `--checkpoint RUN` will pick it, said and tracked."""
     best = best_checkpoint(run_dir)
     metrics = json.loads(best.read_text(METRICS_FILE))
     if config.validation:
@@ -340,4 +424,4 @@ def _fit(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, console:
         f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",
         soft_wrap=True,  # a path a user copies stays on one line
     )
-    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], drawer.history, drawer.startup_seconds)
+    return TrainResult(run_dir.uri, best.uri, metrics["test_accuracy"], files.history, files.startup_seconds)

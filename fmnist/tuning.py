@@ -1,9 +1,11 @@
 """Hyperparameter search on Ray Tune: every trial is a Ray Train run of the same training loop.
 
-Each trial is a function trainable that calls ``training.train`` (which builds and fits Ray
-Train's trainer, ``fmnist.trainer.Trainer``) on a recipe drawn from the search space, holding out
-the same validation images; ``TuneReportCallback`` forwards each epoch's figures to Tune, and ASHA
-stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
+Each trial is a function trainable that calls ``training.train`` on a recipe drawn from the search
+space, holding out the same validation images. On one's own machine a trial of one worker trains
+in Ray Train's local mode, in the trial's own process (no placement group of its own, so nothing
+is left behind when Tune stops it) and reports each epoch to Tune itself; on a cluster it runs
+Ray Train's workers, and ``TuneReportCallback`` forwards each epoch's figures, as Ray's docs show.
+ASHA stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
 alone; the test set is only for reported figures, and ``--confirm`` retrains the best recipe on the
 whole training set.
 
@@ -19,7 +21,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import shlex
 import signal
@@ -69,6 +70,7 @@ class TrialSettings:
     architecture: tuple[int, ...] | None
     max_failures: int
     mlflow: str | None  # the tracking URI, resolved on the driver
+    local_mode: bool  # each trial trains in its own process (one's own machine, one worker a trial)
 
 
 @dataclass
@@ -124,6 +126,11 @@ class _ReportToTune(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
+def _report_epoch(row: dict) -> None:
+    """A local-mode trial's epoch, to Tune (once it is in the trial's history.csv)."""
+    ray.tune.report(row)
+
+
 def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> None:
     """The trainable: one Ray Train run, named after the trial so that a restored search continues it."""
     name = f"trial_{ray.tune.get_context().get_trial_id()}"
@@ -136,61 +143,14 @@ def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> Non
         # again would be refused). Tell Tune how it ended.
         ray.tune.report({"epoch": int(history[-1]["epoch"]), "val_accuracy": float(history[-1]["val_accuracy"])})
         return
-    train(config, Console(quiet=True), data=data, callbacks=[_ReportToTune(run_dir)])
+    if settings.local_mode:
+        train(config, Console(quiet=True), data=data, on_epoch=_report_epoch, local_mode=True)
+    else:
+        train(config, Console(quiet=True), data=data, callbacks=[_ReportToTune(run_dir)], local_mode=False)
 
 
 def _tune_dirname(trial) -> str:
     return f"tune_{trial.trial_id}"
-
-
-def _free_stopped_runs() -> int:
-    """Removes the placement groups (the reserved CPUs/GPUs) of this search's Ray Train runs whose
-    controller is gone; returns how many groups of its runs whose controller still lives remain.
-
-    When Tune stops a trial (ASHA, or the end of its budget) it ends the trial's process, and the
-    Ray Train controller it started goes with it, before the controller removes its workers'
-    placement group. Ray Train leaves that to a watcher that asks the dashboard's state API, which
-    fails where there is no dashboard or more than one Ray instance on the machine (fmnist.trainer
-    leaves it out on one's own machine); the group then holds its resources until the Ray instance
-    ends, and the next trials (or --confirm's runs) wait for them forever. GCS records which
-    groups' creator actor is dead: those are removed.
-    """
-    from ray._private.state import state  # GCS's own table: ray.util.placement_group_table omits creators
-    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    live = 0
-    job = ray.get_runtime_context().get_job_id()  # on a shared cluster, other jobs' groups are theirs
-    for entry in state._connect_and_get_accessor().get_placement_group_table():
-        group = PlacementGroupTableData.FromString(entry)
-        made_by_an_actor = not ray.ActorID(group.creator_actor_id).is_nil()  # not the driver's (Tune's own)
-        if (ray.JobID(group.creator_job_id).hex() == job and made_by_an_actor and not group.is_detached
-                and group.state == PlacementGroupTableData.CREATED):
-            if group.creator_actor_dead:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
-            else:
-                live += 1
-    return live
-
-
-class _FreeStoppedRuns(ray.tune.Callback):
-    """Frees stopped trials' placement groups (``_free_stopped_runs``) once a second while the search runs."""
-
-    def __init__(self):
-        self.last = 0.0
-
-    def on_step_begin(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= 1:
-            self.last = time.monotonic()
-            _free_stopped_runs()
-
-
-def _free_last_stopped_runs(timeout_s: float = 10) -> None:
-    """Before --confirm's runs (which would wait for their resources forever): the runs of the trials
-    Tune stopped last, whose controllers die as Tune ends, are freed too."""
-    deadline = time.monotonic() + timeout_s
-    while _free_stopped_runs() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------- reading trials back
@@ -307,7 +267,6 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
     console = console or Console()
     search_dir, config, space = check_search(config)
     data = load_fashion_mnist(config.data_dir)  # validated before Ray starts
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables or banners: the view is ours
     if not config.verbose:
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials: the view and leaderboard say why
     # Ray's processes inherit an ignored SIGINT: a Ctrl-C in the terminal then reaches only this
@@ -325,7 +284,8 @@ def run_search(config: SearchConfig, console: Console | None = None) -> SearchRe
         settings = TrialSettings(search_dir.uri, config.max_epochs, config.validation, config.seed,
                                  config.workers_per_trial, config.cpus_per_worker, use_gpu, config.architecture,
                                  config.max_failures,
-                                 prepare_mlflow(config.mlflow) if config.mlflow is not None else None)
+                                 prepare_mlflow(config.mlflow) if config.mlflow is not None else None,
+                                 local_mode=is_embedded() and config.workers_per_trial == 1)
         if not config.resume:
             search_dir.write(SEARCH_CONFIG_FILE, json.dumps({**asdict(config), "space_file": space}, indent=2).encode())
         trials, cut_short = _fit(config, settings, space, search_dir, concurrency, data, console)
@@ -346,10 +306,12 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
          data: FashionMNIST, console: Console) -> tuple[list, set[str]]:
     """Run the Tuner with the live view; returns Tune's trials as the search ends, and the ids of those
     it was running when interrupted."""
-    trainable = ray.tune.with_resources(
-        # The trial itself only drives its Ray Train run, whose workers hold the CPUs/GPUs; it
-        # reserves memory alone (Tune needs it to reserve something), for the data it hands on.
-        ray.tune.with_parameters(_run_trial, data=data, settings=settings), {"cpu": 0, "memory": TRIAL_MEMORY})
+    # A local-mode trial trains in its own process, and holds its worker's CPUs/GPU; otherwise the
+    # trial only drives its Ray Train run, whose workers hold them, and reserves memory alone (Tune
+    # needs it to reserve something), for the data it hands on.
+    resources = {"cpu": settings.cpus_per_worker, "gpu": int(settings.use_gpu)} if settings.local_mode else {"cpu": 0}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_run_trial, data=data, settings=settings),
+                                        {**resources, "memory": TRIAL_MEMORY})
     verb = "Resuming" if config.resume else "Searching"
     console.print(f"[bold]{verb}[/] {search_dir.uri}: {config.trials} trials of up to {config.max_epochs} epochs, "
                   f"{concurrency} at a time, {config.workers_per_trial} worker(s) each "
@@ -373,7 +335,7 @@ def _fit(config: SearchConfig, settings: TrialSettings, space: dict, search_dir:
                 ),
                 run_config=ray.tune.RunConfig(
                     name=config.name, storage_path=StoragePath.parse(config.storage_path).uri,
-                    callbacks=[view, _FreeStoppedRuns()], verbose=0,
+                    callbacks=[view], verbose=0,
                     failure_config=ray.tune.FailureConfig(max_failures=0),  # a failing trial fails alone
                 ),
             )
@@ -424,7 +386,6 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     from fmnist.cli import _train_config, parse_arguments
 
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
-    _free_last_stopped_runs()
     # One run at a time: on your own machine each may use every core (threads leave the recipe as it is).
     cores = int(ray.cluster_resources().get("CPU", 1)) // settings.workers_per_trial if is_embedded() else 0
     settings = replace(settings, validation=0, cpus_per_worker=max(settings.cpus_per_worker, cores))
@@ -440,7 +401,8 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
             console.print(f"{run_dir.uri}: finished before, {len(history)} epochs")
             accuracies.append(float(history[-1]["test_accuracy"]))
             continue
-        result = train(replace(run, resume=run_dir.child(RUN_CONFIG_FILE).exists()), console)
+        result = train(replace(run, resume=run_dir.child(RUN_CONFIG_FILE).exists()), console,
+                       local_mode=settings.local_mode)
         accuracies.append(result.history[-1]["test_accuracy"])
     sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     console.print(f"[bold green]Confirmed:[/] test accuracy {100 * statistics.mean(accuracies):.2f}% "

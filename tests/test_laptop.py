@@ -1,4 +1,5 @@
-"""The laptop path: the CLI as a user runs it, with no RAY_ADDRESS, so it starts its own Ray.
+"""The laptop path: the CLI as a user runs it, with no RAY_ADDRESS: training in Ray Train's local
+mode (no Ray instance), and --num-workers N, scoring and the rest on an embedded Ray of its own.
 
 The rest of the suite shares one Ray instance, which the code rightly takes for a cluster.
 """
@@ -9,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray._private.utils
 
 from conftest import REPO, short_ray_tmpdir, worker_processes
 
@@ -34,38 +35,47 @@ IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[
                  "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
 
 
-def test_training_defaults_to_one_worker_with_every_core_and_says_why(real_data_dir, tmp_path):
+def test_training_defaults_to_local_mode_with_every_core_and_starts_no_ray(real_data_dir, tmp_path):
     with short_ray_tmpdir() as session_dir:
         done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
                           "--name", "laptop", "--data-dir", str(real_data_dir), ray_tmpdir=session_dir)
-        processes = worker_processes(session_dir)
+        sessions = list(Path(session_dir).glob("ray/session_*"))
     assert done.returncode == 0, done.stderr
-    # Ray Train's helpers that a run on one's own machine does not use are not started (fmnist.trainer,
-    # training._fit), nor idle worker processes (cluster.start_ray); only Ray Train's worker imports
-    # torch: not the driver, nor the controller, which the workers wait for.
-    assert "imported: ['ray']" in done.stdout
-    assert all(ran for ran, _ in processes), [ran for ran, _ in processes]
-    actors = {ran[0]: imported for ran, imported in processes}
-    assert {"TrainController", "RayTrainWorker"} <= actors.keys(), actors.keys()
-    assert not actors.keys() & {"PlacementGroupCleaner", "PreemptionWatcher", "_AutoscalingCoordinatorActor",
-                                "DatasetManager"}, actors.keys()
-    assert "torch" in actors["RayTrainWorker"] and "torch" not in actors["TrainController"]
-    cores = ray._private.utils.get_num_cpus()  # what Ray counts on this machine
+    assert sessions == []  # no Ray instance: the loop ran in this process (Ray Train's local mode)
+    assert "imported: ['ray', 'torch']" in done.stdout
+    cores = os.cpu_count()
     saved = json.loads((tmp_path / "laptop" / "train_config.json").read_text())
     assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == (1, False, cores)
     shown = " ".join(done.stdout.split())  # rich wraps long lines where stdout is no terminal
-    assert f"on 1 worker (CPU, {cores} threads; one worker with every core is the fastest on one machine" in shown
+    assert f"on 1 worker in Ray Train's local mode (CPU, {cores} threads; no Ray instance" in shown
+    assert len(list((tmp_path / "laptop").glob("checkpoint_*/model.safetensors"))) == 1
+    assert "INFO" not in done.stdout + done.stderr  # Ray's log lines stay off the terminal
+
+
+def test_two_workers_on_ones_own_machine_run_on_an_embedded_ray(real_data_dir, tmp_path):
+    with short_ray_tmpdir() as session_dir:
+        done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--num-workers", "2", "--storage-path",
+                          str(tmp_path), "--name", "ddp", "--data-dir", str(real_data_dir), ray_tmpdir=session_dir)
+        processes = worker_processes(session_dir)
+    assert done.returncode == 0, done.stderr
+    actors = {ran[0] for ran, _ in processes if ran}
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    saved = json.loads((tmp_path / "ddp" / "train_config.json").read_text())
+    assert (saved["num_workers"], saved["cpus_per_worker"]) == (2, max(1, os.cpu_count() // 2))
+    history = (tmp_path / "ddp" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and history[1].startswith("1,")
 
 
 def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_data_dir, tmp_path):
-    done = run_cli("--num-workers", "1", "--cpus-per-worker", "512", "--storage-path", str(tmp_path),
-                   "--data-dir", str(real_data_dir))
-    cores = ray._private.utils.get_num_cpus()
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        f"error: training with 1 worker needs 512 CPU but this machine has {cores} CPU; ask for fewer "
-        "(--num-workers, --cpus-per-worker)"]  # no nodes to add on one's own machine
-    assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
+    cores = os.cpu_count()
+    for workers in ("1", "2"):  # local mode, and an embedded Ray
+        done = run_cli("--num-workers", workers, "--cpus-per-worker", "512", "--storage-path", str(tmp_path),
+                       "--data-dir", str(real_data_dir))
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            f"error: training with {workers} worker{'s' * (workers != '1')} needs {512 * int(workers)} CPU but this "
+            f"machine has {cores} CPU; ask for fewer (--num-workers, --cpus-per-worker)"]  # no nodes to add here
+        assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
 
 
 def test_scoring_on_cpus_never_imports_torch_and_evaluating_neither_torch_nor_ray(trained_run, real_data_dir,

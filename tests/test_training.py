@@ -202,22 +202,3 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
     assert main(["train", "--storage-path", str(tmp_path), *options]) == 2
     assert names in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_on_a_cluster_ray_trains_placement_group_cleaner_waits_at_most_3_s_at_the_end(ray_session):
-    # The suite's shared Ray is a cluster to the code (an embedded run leaves the cleaner out:
-    # test_laptop.py). Ray's own trainer would wait up to 12 s for the cleaner at the end of every
-    # run; if a Ray upgrade renames or reshapes it, this fails and fmnist.trainer needs a look.
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    from fmnist.trainer import Trainer
-
-    def cleaners(trainer_class) -> list:
-        trainer = trainer_class(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
-        return [c for c in trainer._create_default_callbacks() if isinstance(c, PlacementGroupCleanerCallback)]
-
-    (ray_default,) = cleaners(TorchTrainer)
-    assert ray_default._stop_timeout == 12
-    (ours,) = cleaners(Trainer)
-    assert ours._stop_timeout == 3 and ours._get_actor_timeout_s == 1
