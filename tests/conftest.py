@@ -6,15 +6,17 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import ray
 
 from fmnist.data import find_data_dir
-from s3_server import S3Server
 
 try:
     import tomllib
@@ -35,6 +37,38 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def start(command: list[str], **popen) -> subprocess.Popen:
+    """``command`` in a process of its own and its own process group, for interrupt() to reach as
+    Ctrl-C in a terminal reaches a command; its output (stdout and stderr) in one text stream."""
+    # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit that;
+    # a handled signal is reset to its default on exec instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, **popen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def wait_until(proc: subprocess.Popen, condition: Callable[[], object], timeout_s: float = 180,
+               poll_s: float = 0.1) -> None:
+    """Wait for ``condition()`` while ``proc`` runs; fail with its output if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(poll_s)
+
+
+def interrupt(proc: subprocess.Popen, within_s: float = 60) -> str:
+    """Ctrl-C as in a terminal (SIGINT to the whole process group); the output of ``proc``, which must
+    end within ``within_s`` seconds."""
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted_at = time.monotonic()
+    output, _ = proc.communicate(timeout=within_s + 60)
+    assert time.monotonic() - interrupted_at < within_s, f"Ctrl-C took too long to stop it:\n{output}"
+    return output
 
 
 @contextlib.contextmanager
@@ -65,8 +99,10 @@ def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API (moto) for the session; its endpoint and credentials are set in the environment
-    before Ray starts, so the driver and every Ray worker (and subprocess) reach it."""
+    """A real S3 API (moto) for the session's tests on S3; its endpoint and credentials are set in the
+    environment, so the driver and every subprocess reach it (and Ray's workers: see ray_session)."""
+    from s3_server import S3Server
+
     server = S3Server()
     os.environ.update(server.env)
     yield server
@@ -80,13 +116,18 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """Each ray.init costs seconds: every test that needs Ray shares this one."""
+def ray_session(request):
+    """Each ray.init costs seconds: every test that needs Ray shares this one.
+
+    Only a session that runs tests on S3 starts the S3 server, before Ray: the workers get its
+    settings explicitly, as a cluster's nodes have theirs."""
+    on_s3 = any("s3_server" in item.fixturenames for item in request.session.items)
+    storage_env = request.getfixturevalue("s3_server").env if on_s3 else {}
     if not ray.is_initialized():
         # More CPUs than cores: training workers, scoring actors and Ray Data tasks of a test
-        # must all fit at once. The workers get the S3 settings explicitly, as a cluster's would.
+        # must all fit at once.
         ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False,
-                 runtime_env={"env_vars": s3_server.env})
+                 runtime_env={"env_vars": storage_env})
     yield
     ray.shutdown()
 

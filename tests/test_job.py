@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # a real head node, and jobs submitted to it
+
 VENV_BIN = os.path.dirname(sys.executable)
 
 

@@ -10,10 +10,13 @@ import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from conftest import REPO
 from fmnist.data import load_test_split
+
+pytestmark = pytest.mark.slow  # a three-node cluster in a process of its own
 
 # The head has no CPUs, so nothing but the driver's bookkeeping runs there; each training worker
 # asks for 2 CPUs, so the 2 workers must sit on different worker nodes. The nodes share this

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import PNG_MAGIC, REPO, one_error_line
+from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model import CLASS_NAMES
 from s3_server import AuthenticatingS3Server, S3Server
 
+pytestmark = pytest.mark.slow  # a real S3 API, and whole jobs on it
 
 def read_s3_predictions(s3, bucket: str, prefix: str) -> pa.Table:
     """Every Parquet file under the prefix (read with boto3, not with the code under test), by id."""
@@ -62,19 +62,10 @@ def test_training_interrupted_and_resumed_on_s3(ray_session, s3_server, bucket, 
     storage = f"s3://{bucket}/runs"
     options = ["--epochs", "2", "--num-workers", "2", "--cpus-per-worker", "1", "--storage-path", storage,
                "--name", "cut", "--data-dir", str(real_data_dir)]
-    # A real Ctrl-C once epoch 1 is on S3 (see test_training for the SIGINT handler dance).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    deadline = time.monotonic() + 180
-    while "runs/cut/history.csv" not in s3_server.keys(bucket, "runs/cut/"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    # A real Ctrl-C once epoch 1 is on S3.
+    proc = start([sys.executable, str(REPO / "workflows" / "train.py"), *options])
+    wait_until(proc, lambda: "runs/cut/history.csv" in s3_server.keys(bucket, "runs/cut/"), poll_s=0.2)
+    output = interrupt(proc)
     assert proc.returncode == 130, output
     assert f"--resume --storage-path {storage} --name cut" in " ".join(output.split())
 
@@ -173,9 +164,9 @@ def test_pipeline_on_s3_leaves_everything_in_the_run_prefix(ray_session, s3_serv
 
 
 def _seconds(command: list[str]) -> tuple[int, float]:
-    start = time.monotonic()
+    started = time.monotonic()
     code = main(command)
-    return code, time.monotonic() - start
+    return code, time.monotonic() - started
 
 
 @pytest.fixture
@@ -273,8 +264,7 @@ def test_refused_credentials_missing_credentials_and_a_dead_endpoint_are_one_lin
 
 
 def _score_process(env: dict, *options: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "workflows" / "score.py"), *options],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start([sys.executable, str(REPO / "workflows" / "score.py"), *options], env={**os.environ, **env})
 
 
 def test_a_scoring_run_killed_midway_leaves_no_success_and_evaluate_refuses_it(
@@ -282,10 +272,8 @@ def test_a_scoring_run_killed_midway_leaves_no_success_and_evaluate_refuses_it(
     output = f"s3://{bucket}/killed"
     proc = _score_process(s3_server.env, "--checkpoint", trained_run.run_dir, "--output", output,
                           "--data-dir", str(real_data_dir), "--batch-size", "64", "--concurrency", "1")
-    deadline = time.monotonic() + 120
-    while not [k for k in s3_server.keys(bucket) if ".killed.incomplete-" in k]:  # the job has begun
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
+    wait_until(proc, lambda: [k for k in s3_server.keys(bucket) if ".killed.incomplete-" in k],  # the job has begun
+               timeout_s=120)
     time.sleep(3)
     proc.kill()
     proc.wait()
@@ -325,12 +313,14 @@ def test_overwrite_killed_midway_never_shows_a_mixed_output_as_complete(
     proc = _score_process(slow_server.env, "--checkpoint", trained_run.run_dir, "--output", f"s3://{bucket}/p",
                           "--overwrite", "--data-dir", str(real_data_dir))
     looks = []  # (keys under p/, new data files staged) at each look, until the old manifest goes
-    deadline = time.monotonic() + 180
-    while not looks or "p/_SUCCESS" in looks[-1][0]:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+
+    def old_manifest_gone() -> bool:
         keys = slow_server.keys(bucket)
         looks.append(([k for k in keys if k.startswith("p/")],
                       [k for k in keys if k.startswith(".p.incomplete-") and k.endswith(".parquet")]))
+        return "p/_SUCCESS" not in looks[-1][0]
+
+    wait_until(proc, old_manifest_gone, poll_s=0)
     proc.kill()  # the moment the commit began: the old manifest is gone, the swap under way
     proc.wait()
 
