@@ -1,4 +1,4 @@
-"""The command line: ``fmnist train|score|evaluate|pipeline|tune`` (and workflows/*.py).
+"""The command line: ``fmnist train|score|evaluate|pipeline|tune`` (``python -m fmnist``, workflows/*.py).
 
 Exit status: 0 success; 1 the job ran but missed its goal; 2 bad input or usage, with one
 ``error: ...`` line on stderr.
@@ -339,6 +339,23 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """--version: fmnist's, and the Ray and torch it runs with (a Ray client must match its cluster's Ray)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of fmnist, Ray, torch and Python")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import platform
+        from importlib.metadata import version
+
+        from fmnist import __version__
+
+        print(f"fmnist {__version__} (Ray {version('ray')}, torch {version('torch')}, "
+              f"Python {platform.python_version()})")
+        parser.exit()
+
+
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     """The parsed arguments of an ``fmnist`` command line (``argv`` without the program name).
 
@@ -347,6 +364,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = _Parser(prog="fmnist", description="Train, batch-score and evaluate a Fashion-MNIST classifier on Ray.",
                      epilog="Exit status: 0 success; 1 the job ran but failed or missed its goal (--min-accuracy); "
                             "2 bad input or usage (one 'error:' line); 130 interrupted.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands = {
         "train": ("train the classifier with Ray Train", add_train_arguments, _run_train),
@@ -391,7 +409,7 @@ GC_THRESHOLDS = (50_000, 20, 100)  # Python's default: (700, 10, 10)
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
-    """main() as a process of its own: the `fmnist` command, workflows/*.py, python -m fmnist.cli."""
+    """main() as a process of its own: the `fmnist` command, workflows/*.py, python -m fmnist."""
     gc.set_threshold(*GC_THRESHOLDS)
     code = main(argv)
     gc.freeze()  # what is left goes with the process: keep it out of the last collection
@@ -401,7 +419,3 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
 def workflow_main(command: str) -> NoReturn:
     """Entry point of workflows/<command>.py: ``python workflows/train.py ...``."""
     run([command, *sys.argv[1:]])
-
-
-if __name__ == "__main__":  # python -m fmnist.cli ...
-    run()
