@@ -339,6 +339,29 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from fmnist.serving import ServeConfig
+
+    d = ServeConfig(checkpoint="")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
+    p.add_argument("--port", type=_checked(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535"),
+                   default=d.port, help="HTTP port (default %(default)s)")
+    p.add_argument("--host", default=d.host,
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--replicas", type=_positive_int, default=d.replicas, metavar="N",
+                   help="model replicas, one CPU (or GPU) each (default %(default)s)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per replica, the torch model on it")
+    _resource_timeout_argument(p, d.resource_timeout_s)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from fmnist.serving import ServeConfig, serve_forever
+
+    serve_forever(_config_from_args(ServeConfig, args))  # returns only by Ctrl-C (KeyboardInterrupt)
+    return 0
+
+
 class _Version(argparse.Action):
     """--version: fmnist's, and the Ray and torch it runs with (a Ray client must match its cluster's Ray)."""
 
@@ -375,6 +398,8 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
                      _run_pipeline),
         "tune": ("search hyperparameters with Ray Tune: trials of Ray Train runs, ASHA on validation accuracy",
                  add_tune_arguments, _run_tune),
+        "serve": ("serve predictions over HTTP with Ray Serve: POST /predict, a page at /", add_serve_arguments,
+                  _run_serve),
     }
     for name, (help_text, add_arguments, run) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -1,0 +1,241 @@
+"""Online predictions with Ray Serve: one image (or a few) per request, from the checkpoint batch scoring reads.
+
+    HTTP (Serve's proxy)  ->  replica: the request's image(s) decoded by read_image, as batch scoring decodes
+        -> @serve.batch: images of concurrent requests stacked into one forward pass of the model
+        -> JSON: label, class name, probabilities, checkpoint
+
+Routes: POST /predict, GET / (a page to try an image), and Serve's own GET /-/healthz.
+``fmnist serve`` runs it on an embedded Ray (or the cluster of RAY_ADDRESS) until Ctrl-C;
+``serve run fmnist.serving:app checkpoint=...`` and ``serve deploy`` use ``app`` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve import Application
+from rich.console import Console
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from fmnist.checkpoints import load_numpy_checkpoint, resolve_checkpoint
+from fmnist.cluster import is_embedded, start_ray, wait_for_resources
+from fmnist.errors import InputError
+from fmnist.images import UnreadableImage, read_image
+from fmnist.model_config import IMAGE_PIXELS
+from fmnist.numpy_model import NumpyClassifier
+from fmnist.serving_page import page
+
+APP_NAME = "fmnist"
+MAX_BODY_BYTES = 4 * 2**20  # larger bodies answer 413: ample for a PNG/JPEG of any sensible size
+MAX_IMAGES = 256  # images in one JSON request
+# A batch runs once MAX_BATCH images wait, or BATCH_WAIT_S after its first one: a lone request
+# waits that long for company, while under load batches fill as the previous one runs.
+MAX_BATCH = 64
+BATCH_WAIT_S = 0.002
+IMAGE_TYPES = ("image/png", "image/jpeg")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    checkpoint: str  # checkpoint directory, or run directory (its best checkpoint)
+    port: int = 8000
+    host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines
+    replicas: int = 1
+    use_gpu: bool = False  # one GPU per replica, the torch model on it
+    resource_timeout_s: float = 60.0  # on a cluster: how long the replicas' CPUs/GPUs may take to appear
+    verbose: bool = False
+
+
+class BadRequest(Exception):
+    """A request the server refuses: its HTTP status and one line saying why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------- requests and answers
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused (413) past MAX_BODY_BYTES before more of it is read."""
+    too_large = BadRequest(413, f"the body is over the limit of {MAX_BODY_BYTES:,} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def decode_request(body: bytes, content_type: str) -> tuple[list[np.ndarray], bool]:
+    """A /predict body -> its (28, 28) uint8 images, by the code batch scoring reads images with;
+    and whether it was the JSON form ({"images": [base64, ...]}) rather than one PNG/JPEG."""
+    kind = content_type.split(";")[0].strip().lower()
+    if not body:
+        raise BadRequest(400, "the body is empty; send a PNG/JPEG image, or JSON {\"images\": [base64, ...]}")
+    if kind in IMAGE_TYPES:
+        return [_image(body, "the body")], False
+    if kind != "application/json":
+        raise BadRequest(400, f"Content-Type {kind or '(none)'} is not one of image/png, image/jpeg, "
+                              "application/json")
+    try:
+        encoded = json.loads(body)["images"]
+    except (ValueError, TypeError, KeyError):
+        raise BadRequest(400, "the JSON body is not an object with a list 'images' of base64 strings") from None
+    if not isinstance(encoded, list) or not encoded or not all(isinstance(e, str) for e in encoded):
+        raise BadRequest(400, "'images' must be a non-empty list of base64 strings")
+    if len(encoded) > MAX_IMAGES:
+        raise BadRequest(413, f"{len(encoded)} images in one request; the limit is {MAX_IMAGES}")
+    images = []
+    for i, text in enumerate(encoded):
+        try:
+            data = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raise BadRequest(400, f"images[{i}] is not valid base64") from None
+        images.append(_image(data, f"images[{i}]"))
+    return images, True
+
+
+def _image(data: bytes, what: str) -> np.ndarray:
+    try:
+        return read_image(data)
+    except UnreadableImage as e:
+        raise BadRequest(400, f"{what} is not a PNG/JPEG image ({e})") from None
+
+
+def prediction(log_probs: np.ndarray, class_names: tuple[str, ...], checkpoint: str) -> dict:
+    """One image's answer from its log-probabilities, the class chosen on them as scoring chooses."""
+    label = int(log_probs.argmax())
+    return {"label": label, "class_name": class_names[label],
+            "probabilities": np.exp(log_probs).tolist(), "checkpoint": checkpoint}
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# ----------------------------------------------------------------------------- the deployment
+
+
+@serve.deployment(
+    name="Classifier",
+    # Room on a replica for a full batch to gather (Serve's default of 5 would cap batches at 5).
+    max_ongoing_requests=2 * MAX_BATCH,
+    # Ctrl-C should stop the server in seconds; a request takes milliseconds.
+    graceful_shutdown_timeout_s=2,
+    graceful_shutdown_wait_loop_s=0.5,
+)
+class Classifier:
+    """A replica: the model, answering /predict a batch at a time, and the page at /."""
+
+    def __init__(self, model: NumpyClassifier, checkpoint: str, use_gpu: bool):
+        self.class_names = model.config.class_names
+        self.checkpoint = checkpoint
+        self.page = page(self.class_names)
+        if use_gpu:
+            from fmnist.model import Classifier as TorchClassifier
+
+            self.model = TorchClassifier.from_numpy(model).to("cuda")
+        else:
+            self.model = model  # numpy on CPUs, as batch scoring: no torch in the replica
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        if path == "/" and request.method in ("GET", "HEAD"):
+            return HTMLResponse(self.page)
+        if path != "/predict":
+            return error(404, f"no route {path}; POST /predict, or GET / for the page")
+        if request.method != "POST":
+            return error(405, "use POST /predict with a PNG/JPEG body or JSON {\"images\": [base64, ...]}")
+        try:
+            images, many = decode_request(await read_body(request), request.headers.get("content-type", ""))
+        except BadRequest as e:
+            return error(e.status, str(e))
+        answers = await asyncio.gather(*(self.predict(image) for image in images))
+        batch_size = max(size for _, size in answers)
+        predictions = [prediction(log_probs, self.class_names, self.checkpoint) for log_probs, _ in answers]
+        # X-Batch-Size: how many images the largest batch this request rode in held.
+        headers = {"X-Batch-Size": str(batch_size)}
+        return JSONResponse({"predictions": predictions} if many else predictions[0], headers=headers)
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """(28, 28) images of concurrent requests -> each one's log-probabilities, and the batch's size."""
+        log_probs = self.model.log_probabilities(np.stack(images).reshape(-1, IMAGE_PIXELS))
+        return [(row, len(images)) for row in log_probs]
+
+
+def build_app(checkpoint: str, replicas: int = 1, use_gpu: bool = False) -> tuple[Application, str]:
+    """The Serve application of a checkpoint (or run directory), and the checkpoint's URI. The model is
+    loaded here, so that a bad one fails in one line before anything starts, and goes to the replicas
+    with their arguments: they need no access to its files."""
+    resolved = resolve_checkpoint(checkpoint)
+    model = load_numpy_checkpoint(resolved)
+    resources = {"num_cpus": 1, "num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    deployment = Classifier.options(num_replicas=replicas, ray_actor_options=resources)
+    return deployment.bind(model, resolved.uri, use_gpu), resolved.uri
+
+
+def app(args: dict[str, str]) -> Application:
+    """The builder for ``serve run fmnist.serving:app checkpoint=C [replicas=N] [use_gpu=true]`` and
+    serve deploy configs (whose ``args`` are these)."""
+    unknown = set(args) - {"checkpoint", "replicas", "use_gpu"}
+    if unknown or "checkpoint" not in args:
+        raise ValueError(f"fmnist.serving:app takes checkpoint=C [replicas=N] [use_gpu=true|false], got {args}")
+    use_gpu = str(args.get("use_gpu", "false")).lower() in ("1", "true", "yes")
+    return build_app(str(args["checkpoint"]), int(args.get("replicas", 1)), use_gpu)[0]
+
+
+# ----------------------------------------------------------------------------- fmnist serve
+
+
+def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
+    """Serve ``config.checkpoint`` at http://host:port/ until Ctrl-C (KeyboardInterrupt), then stop
+    the application, and the embedded Ray if this call started one."""
+    console = console or Console()
+    application, checkpoint = build_app(config.checkpoint, config.replicas, config.use_gpu)
+    if not os.environ.get("RAY_ADDRESS"):
+        _check_port_free(config.host, config.port)  # on one's own machine: a clear line, not a failing proxy
+    started_ray = start_ray(config.verbose)
+    if not config.verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines, which our one line replaces
+    try:
+        what = f"serving with {config.replicas} replica{'s' * (config.replicas > 1)}"
+        wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, config.replicas, what,
+                           "ask for fewer (--replicas)" + (" or leave out --use-gpu" if config.use_gpu else ""),
+                           0 if is_embedded() else config.resource_timeout_s, console)
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
+        console.print(f"Serving {checkpoint} at "
+                      f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop)", soft_wrap=True)
+        while True:
+            time.sleep(1)
+    finally:
+        if started_ray:
+            ray.shutdown()  # Serve with it: its actors live in this Ray
+        else:
+            serve.delete(APP_NAME)  # a cluster's Serve goes on with its other applications
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot serve on {host}:{port} ({e.strerror}); pass another --port or --host") from None
