@@ -58,12 +58,14 @@ def _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures: int) -> 
     return proc.returncode, out + err
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_every_epoch_is_recorded_once(real_data_dir, tmp_path):
     code, output = _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures=2)
     assert code == 0, output
     assert _epochs_recorded(tmp_path / "ft") == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_a_failure_beyond_max_failures_is_one_error_line_saying_how_to_resume(real_data_dir, tmp_path):
     code, output = _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures=0)
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
@@ -91,6 +93,7 @@ def test_asking_for_what_the_cluster_lacks_fails_fast_with_one_line(
     assert f"needs {asked}" in err and f"has {has}" in err
 
 
+@pytest.mark.slow
 def test_a_killed_scoring_task_is_retried_and_every_row_written_once(trained_run, real_data_dir, tmp_path):
     import numpy as np
     import pyarrow as pa

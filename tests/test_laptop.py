@@ -35,6 +35,7 @@ IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[
                  "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
 
 
+@pytest.mark.slow
 def test_training_defaults_to_local_mode_with_every_core_and_starts_no_ray(real_data_dir, tmp_path):
     with short_ray_tmpdir() as session_dir:
         done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
@@ -52,6 +53,7 @@ def test_training_defaults_to_local_mode_with_every_core_and_starts_no_ray(real_
     assert "INFO" not in done.stdout + done.stderr  # Ray's log lines stay off the terminal
 
 
+@pytest.mark.slow
 def test_two_workers_on_ones_own_machine_run_on_an_embedded_ray(real_data_dir, tmp_path):
     with short_ray_tmpdir() as session_dir:
         done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--num-workers", "2", "--storage-path",
@@ -66,6 +68,7 @@ def test_two_workers_on_ones_own_machine_run_on_an_embedded_ray(real_data_dir, t
     assert len(history) == 2 and history[1].startswith("1,")
 
 
+@pytest.mark.slow
 def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_data_dir, tmp_path):
     cores = os.cpu_count()
     for workers in ("1", "2"):  # local mode, and an embedded Ray
@@ -78,6 +81,7 @@ def test_asking_for_more_than_the_machine_has_fails_at_once_with_one_line(real_d
         assert "Waiting" not in done.stdout  # no autoscaler to wait for on one's own machine
 
 
+@pytest.mark.slow
 def test_scoring_on_cpus_never_imports_torch_and_evaluating_neither_torch_nor_ray(trained_run, real_data_dir,
                                                                                    tmp_path):
     # torch's import is 1.5 s of a process's start; the checkpoint is read and run in numpy.

@@ -4,6 +4,7 @@ import json
 
 import mlflow.artifacts
 import pyarrow.parquet as pq
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -16,6 +17,7 @@ from fmnist.training import RECIPE_FIELDS
 from conftest import PNG_MAGIC, tensorboard_images
 
 
+@pytest.mark.slow
 def test_pipeline_leaves_everything_in_one_run_directory(ray_session, real_data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where MLflow puts a new experiment's artifacts (./mlruns)
     # One epoch cannot reach 99%: the gate fails (exit 1) after all the work is written.

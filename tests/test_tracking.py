@@ -55,6 +55,7 @@ def _row(epoch: int) -> dict:
             "val_loss": 1.4 / epoch, "val_accuracy": 0.4 + epoch / 100, "samples_per_second": 1000.0 * epoch}
 
 
+@pytest.mark.slow
 def test_a_remote_run_directory_gets_its_event_files_after_every_epoch_and_each_epoch_once(
         s3_server, bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where MLflow puts a new experiment's artifacts (./mlruns)

@@ -52,6 +52,7 @@ def test_two_workers_one_epoch_reaches_80_percent_and_leaves_its_artifacts(train
     assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray_session, real_data_dir, tmp_path,
                                                                              capsys):
     storage = str(tmp_path)
@@ -157,6 +158,7 @@ def test_storage_path_that_is_a_file_exits_2_with_one_line(ray_session, real_dat
     assert os.listdir(tmp_path) == ["runs"] and a_file.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(ray_session, real_data_dir, tmp_path,
                                                                               capsys):
     history = tmp_path / "broken" / "history.csv"

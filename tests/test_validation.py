@@ -50,6 +50,7 @@ def test_the_held_out_images_are_class_balanced_disjoint_and_fixed_by_the_seed(d
         [101] * 5 + [100] * 5
 
 
+@pytest.mark.slow
 def test_validation_figures_are_exact_and_the_best_checkpoint_is_chosen_on_them(validated_run, data):
     history = read_history(validated_run.run_dir)
     with open(f"{validated_run.run_dir}/history.csv") as f:
@@ -74,6 +75,7 @@ def test_validation_figures_are_exact_and_the_best_checkpoint_is_chosen_on_them(
                                                                                       abs=1e-9)
 
 
+@pytest.mark.slow
 def test_the_activation_round_trips_through_the_checkpoint_into_score(validated_run, data, real_data_dir, tmp_path):
     model = fmnist.load_model(validated_run.run_dir)
     assert model.config.activation == "gelu" and model.activation is F.gelu
@@ -86,6 +88,7 @@ def test_the_activation_round_trips_through_the_checkpoint_into_score(validated_
     assert (expected == data.test_labels).mean() == pytest.approx(validated_run.best_accuracy, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_validation_split_and_the_activation(validated_run, real_data_dir):
     run_dir = validated_run.run_dir
     saved = json.loads(open(f"{run_dir}/train_config.json").read())
