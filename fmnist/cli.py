@@ -180,7 +180,8 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory to write the Parquet predictions to: local/NFS or s3://, gs://")
     p.add_argument("--input", default="test",
                    help="'test' (the 10,000 test images), a directory of PNG/JPEG images (labelled where "
-                        "they sit in class-named sub-folders), or Parquet, a file or a directory; local/NFS or "
+                        "they sit in sub-folders named by class or 0-9), one image file, or Parquet, a file or a "
+                        "directory; local/NFS or "
                         "s3://, gs:// (default %(default)s)")
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files (for --input test)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -86,12 +87,19 @@ def _folder_key(name: str) -> str:
 
 
 def _image_dir_input(directory: StoragePath, files: list[StoragePath], class_names: tuple[str, ...]) -> ScoringInput:
-    """The images under ``directory`` in sorted path order; a file's label is the class its folder is named after."""
+    """The images under ``directory`` in sorted path order; a file's label is the class its folder is
+    named after, by name or by number (0-9, a common export of Fashion-MNIST)."""
     if not files:
         raise InputError(f"--input {directory.uri} holds no PNG/JPEG images (and no Parquet files); nothing to score")
     classes = {_folder_key(name): index for index, name in enumerate(class_names)}
+    classes |= {str(index): index for index in range(len(class_names))}
     folders = [f.path[len(directory.path) + 1:].rpartition("/")[0] for f in files]  # "" for a file at the top
     labels = [classes.get(_folder_key(folder.rsplit("/", 1)[-1])) if folder else None for folder in folders]
+    unnamed = sorted({folder for folder, label in zip(folders, labels) if folder and label is None})
+    if unnamed:  # a typo in a class folder's name would otherwise leave its images unlabelled unseen
+        shown = ", ".join(unnamed[:5]) + (f" and {len(unnamed) - 5} more" if len(unnamed) > 5 else "")
+        print(f"warning: folder{'s' * (len(unnamed) > 1)} {shown} of --input {directory.uri} name no class "
+              "(a class name or 0-9); their images are unlabelled", file=sys.stderr)
     rows = _image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[f.uri for f in files])
     return ScoringInput(len(files), table=rows, location=directory)
 
@@ -213,8 +221,9 @@ def open_input(spec: str, data_dir: str | None, class_names: tuple[str, ...]) ->
             raise InputError(f"--input {location.uri} does not exist; "
                              "pass 'test', a directory of PNG/JPEG images, or Parquet")
         if kind == pafs.FileType.File:
-            if location.path.lower().endswith(IMAGE_SUFFIXES):
-                raise InputError(f"--input {location.uri} is one image; put it in a directory and pass the directory")
+            if location.path.lower().endswith(IMAGE_SUFFIXES):  # one image: its folder holds it, unlabelled
+                parent = StoragePath(location.fs, location.path.rsplit("/", 1)[0], location.uri.rsplit("/", 1)[0])
+                return _image_dir_input(parent, [location], class_names)
             return _parquet_input(location, [location], committed=True)
         committed = read_committed(location, ".parquet")
         parquet_files = committed if committed is not None else location.files((".parquet",))

@@ -125,6 +125,41 @@ def test_image_folder_with_class_subfolders(ray_session, checkpoint, test_set, r
     np.testing.assert_allclose(probabilities(predictions)[rows], np.exp(reference[test_index]), atol=1e-6)
 
 
+def test_numbered_class_folders_label_their_images_and_other_folders_are_named_once(
+        ray_session, checkpoint, test_set, tmp_path, capsys):
+    images, labels = test_set
+    folder = tmp_path / "images"
+    expected = {}  # path -> label
+    for i in range(30):
+        # Folders 0-9, as exports of Fashion-MNIST name them; then two folders that name no class.
+        sub = folder / ("train" if i >= 25 else "misc" if i >= 20 else str(labels[i]))
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(sub / f"{i:03d}.png")
+        expected[str(sub / f"{i:03d}.png")] = int(labels[i]) if i < 20 else None
+
+    out = tmp_path / "predictions"
+    assert score("--checkpoint", checkpoint, "--input", folder, "--output", out) == 0
+
+    predictions = read_predictions(out)
+    assert dict(zip(predictions["path"].to_pylist(), predictions["label"].to_pylist())) == expected
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "misc, train" in warnings[0] and "unlabelled" in warnings[0], warnings
+
+
+def test_a_single_image_file_is_one_row(ray_session, checkpoint, test_set, reference, tmp_path):
+    images, _ = test_set
+    Image.fromarray(images[7]).save(tmp_path / "one.png")
+
+    out = tmp_path / "predictions"
+    assert score("--checkpoint", checkpoint, "--input", tmp_path / "one.png", "--output", out) == 0
+
+    predictions = read_predictions(out)
+    assert predictions.num_rows == 1
+    assert predictions["path"].to_pylist() == [str(tmp_path / "one.png")] and predictions["label"][0].as_py() is None
+    assert predictions["prediction"][0].as_py() == reference[7].argmax()
+    np.testing.assert_allclose(probabilities(predictions)[0], np.exp(reference[7]), atol=1e-6)
+
+
 @pytest.mark.parametrize("encoding", ["pixels", "png"])
 def test_parquet_input(ray_session, checkpoint, test_set, reference, tmp_path, encoding):
     images, labels = test_set
@@ -318,6 +353,7 @@ def test_output_is_replaced_only_with_overwrite_and_only_by_a_whole_run(
     assert read_predictions(out).num_rows == 20
 
 
+@pytest.mark.slow
 def test_workflow_script_runs_on_its_own_ray(trained_run, real_data_dir, tmp_path):
     out = tmp_path / "predictions"
     run = subprocess.run(
@@ -331,6 +367,7 @@ def test_workflow_script_runs_on_its_own_ray(trained_run, real_data_dir, tmp_pat
     assert "ERROR" not in run.stdout + run.stderr  # Ray's, about model actors' arguments, is gone with them
 
 
+@pytest.mark.slow
 def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, test_set, tmp_path):
     """On one's own Ray, the model runs in the read's and the write's Ray Data task (the plan Ray
     prints with --verbose): blocks never cross the object store, and no model actor is made."""
