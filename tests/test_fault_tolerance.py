@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import signal
-import subprocess
 import sys
 import time
 
@@ -13,7 +12,7 @@ import pytest
 
 from fmnist.cli import main
 
-from conftest import REPO, one_error_line
+from conftest import REPO, one_error_line, start, wait_until
 
 
 def children_running(pid: int, name: str) -> list[psutil.Process]:
@@ -40,22 +39,16 @@ def _epochs_recorded(run_dir) -> list[str]:
 def _kill_a_worker_after_epoch_1(real_data_dir, tmp_path, max_failures: int) -> tuple[int, str]:
     """A 3-epoch, 2-worker training (its own process) whose second worker is killed once epoch 1 is
     recorded; its exit status and output."""
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "workflows" / "train.py"), "--epochs", "3", "--num-workers", "2",
-         "--cpus-per-worker", "1", "--max-failures", str(max_failures), "--storage-path", str(tmp_path),
-         "--name", "ft", "--data-dir", str(real_data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 180
-    while not _epochs_recorded(tmp_path / "ft"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
+    proc = start([sys.executable, str(REPO / "workflows" / "train.py"), "--epochs", "3", "--num-workers", "2",
+                  "--cpus-per-worker", "1", "--max-failures", str(max_failures), "--storage-path", str(tmp_path),
+                  "--name", "ft", "--data-dir", str(real_data_dir)])
+    wait_until(proc, lambda: _epochs_recorded(tmp_path / "ft"))
     workers = children_running(proc.pid, "RayTrainWorker")
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGKILL)
     assert proc.poll() is None and len(_epochs_recorded(tmp_path / "ft")) < 3  # the kill landed mid-run
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out + err
+    output, _ = proc.communicate(timeout=600)
+    return proc.returncode, output
 
 
 @pytest.mark.slow
@@ -109,19 +102,11 @@ def test_a_killed_scoring_task_is_retried_and_every_row_written_once(trained_run
     })
     pq.write_table(table, tmp_path / "input.parquet", row_group_size=10_000)
     output = tmp_path / "predictions"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
-         "--input", str(tmp_path / "input.parquet"), "--output", str(output), "--concurrency", "2",
-         "--batch-size", "1000"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 180
-    while True:
-        tasks = children_running(proc.pid, "_score_on_cpu")  # a Ray worker's title names its task
-        if tasks:
-            break
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
+    proc = start([sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
+                  "--input", str(tmp_path / "input.parquet"), "--output", str(output), "--concurrency", "2",
+                  "--batch-size", "1000"])
+    wait_until(proc, lambda: children_running(proc.pid, "_score_on_cpu"))  # a Ray worker's title names its task
+    tasks = children_running(proc.pid, "_score_on_cpu")
     time.sleep(2)  # let it score some batches first
     tasks[0].send_signal(signal.SIGKILL)
     assert proc.poll() is None and not output.exists()  # the kill landed mid-job

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from fmnist.run_configs import TrainConfig, learning_rate
 from fmnist.training import train
 from fmnist.training_report import HISTORY_COLUMNS
 
-from conftest import PNG_MAGIC, REPO, one_error_line, tensorboard_scalars
+from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, start, tensorboard_scalars, wait_until
 
 
 def read_history(run_dir) -> list[dict]:
@@ -61,24 +60,11 @@ def test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one(ray
     options = ["--epochs", "3", "--schedule", "cosine", "--num-workers", "1", "--cpus-per-worker", "1", "--seed", "7",
                "--storage-path", storage, "--data-dir", str(real_data_dir)]
     # A real Ctrl-C: a separate process (its own embedded Ray), interrupted once epoch 1 is recorded.
-    # Where this suite runs as a background job, SIGINT is ignored, and a child would inherit
-    # that; a handled signal is reset to its default on exec instead.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = start([sys.executable, str(REPO / "workflows" / "train.py"), *options, "--name", "cut"])
     history_file = tmp_path / "cut" / "history.csv"
-    deadline = time.monotonic() + 180
-    while not (history_file.exists() and len(read_history(tmp_path / "cut")) >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
+    wait_until(proc, lambda: history_file.exists() and len(read_history(tmp_path / "cut")) >= 1)
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
-    interrupted_at = time.monotonic()
-    output, _ = proc.communicate(timeout=60)
-    assert time.monotonic() - interrupted_at < 30, "Ctrl-C took too long to stop the run"
+    output = interrupt(proc, within_s=30)
     assert proc.returncode == 130, output
     _, orphans = psutil.wait_procs(ray_processes, timeout=15)
     assert not orphans, f"Ray processes left running: {[p.name() for p in orphans]}"
