@@ -224,6 +224,7 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
         serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
         console.print(f"Serving {checkpoint} at "
                       f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop)", soft_wrap=True)
+        console.file.flush()  # now, not at exit: a log collector or a script waits for this line
         while True:
             time.sleep(1)
     finally:

@@ -305,6 +305,7 @@ def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
                 return False
 
         wait_until(proc, answers, timeout_s=120, poll_s=0.5)
+        time.sleep(2)  # for the command to see its replicas answer too (Serve polls their state), and say so
         ray_processes = psutil.Process(proc.pid).children(recursive=True)
         output = interrupt(proc, within_s=15)
         assert proc.returncode == 130, output
