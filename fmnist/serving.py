@@ -40,10 +40,10 @@ from fmnist.serving_page import page
 APP_NAME = "fmnist"
 MAX_BODY_BYTES = 4 * 2**20  # larger bodies answer 413: ample for a PNG/JPEG of any sensible size
 MAX_IMAGES = 256  # images in one JSON request
-# A batch runs once MAX_BATCH images wait, or BATCH_WAIT_S after its first one: a lone request
-# waits that long for company, while under load batches fill as the previous one runs.
+# A batch holds the images waiting when the previous one ends, up to MAX_BATCH: under load they
+# gather while it runs, and a lone request waits for no company (a 2 ms wait cost it 3 ms, bench/RESULTS.md).
 MAX_BATCH = 64
-BATCH_WAIT_S = 0.002
+BATCH_WAIT_S = 0.0
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
@@ -140,6 +140,7 @@ def error(status: int, message: str) -> JSONResponse:
     # Ctrl-C should stop the server in seconds; a request takes milliseconds.
     graceful_shutdown_timeout_s=2,
     graceful_shutdown_wait_loop_s=0.5,
+    logging_config={"enable_access_log": False},  # a log line written and flushed per request
 )
 class Classifier:
     """A replica: the model, answering /predict a batch at a time, and the page at /."""
@@ -220,7 +221,8 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
         wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, config.replicas, what,
                            "ask for fewer (--replicas)" + (" or leave out --use-gpu" if config.use_gpu else ""),
                            0 if is_embedded() else config.resource_timeout_s, console)
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(http_options={"host": config.host, "port": config.port},
+                    logging_config={"enable_access_log": False})  # the proxy's line per request, as the replica's
         serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
         console.print(f"Serving {checkpoint} at "
                       f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop)", soft_wrap=True)

@@ -28,7 +28,7 @@ from ray import serve
 from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, short_ray_tmpdir, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME, MAX_BODY_BYTES, build_app
+from fmnist.serving import APP_NAME, MAX_BODY_BYTES, app
 
 
 def free_port() -> int:
@@ -64,9 +64,10 @@ def checkpoint(trained_run) -> str:
 
 @pytest.fixture(scope="module")
 def server(ray_session, checkpoint) -> str:
-    """The application that `fmnist serve` runs, on the test session's Ray; its base URL."""
+    """The application that `fmnist serve` runs, built as `serve run fmnist.serving:app checkpoint=C`
+    builds it, on the test session's Ray; its base URL."""
     port = free_port()
-    application, _ = build_app(checkpoint)
+    application = app({"checkpoint": checkpoint})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
