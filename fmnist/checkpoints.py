@@ -48,13 +48,16 @@ def checkpoint_name() -> str:
 
 
 def save_checkpoint(
-    directory: StoragePath, model: torch.nn.Module, config: ModelConfig, metrics: dict, training_state: dict
+    directory: StoragePath | str | os.PathLike, model: torch.nn.Module, config: ModelConfig, metrics: dict,
+    training_state: dict,
 ) -> None:
     """Write a checkpoint into ``directory`` (local or object storage), metrics.json last: a directory
     cut short by a kill is no candidate for best_checkpoint or a resume."""
     import torch
     from safetensors.torch import save
 
+    if not isinstance(directory, StoragePath):
+        directory = StoragePath.parse(str(directory))
     state = io.BytesIO()
     torch.save(training_state, state)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

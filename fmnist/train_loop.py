@@ -99,11 +99,11 @@ def _epoch_of(checkpoint: ray.train.Checkpoint) -> int:
         return json.loads(f.read())["epoch"]
 
 
-def _resume_point(resume_from: str | None) -> ray.train.Checkpoint | None:
+def _resume_point(resume_from: str | None, under_ray_train: bool) -> ray.train.Checkpoint | None:
     """The checkpoint to continue from, of the later epoch: Ray Train's latest of this run (on a
     resume, or after a worker failure), or the run directory's latest, which the driver names
     (local mode writes checkpoints that Ray Train does not know of)."""
-    candidates = [ray.train.get_checkpoint()]
+    candidates = [ray.train.get_checkpoint() if under_ray_train else None]
     if resume_from:
         where = StoragePath.parse(resume_from)
         candidates.append(ray.train.Checkpoint(where.path, filesystem=where.fs))
@@ -117,17 +117,23 @@ def _array(data):
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    """The training loop of one Ray Train worker, per ``cfg`` (training._fit's loop config)."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    local = cfg["local_mode"]
+    """The training loop of one Ray Train worker, per ``cfg`` (training._loop_config).
+
+    With ``cfg["under_ray_train"]`` false the driver calls it itself, as the one worker of local mode
+    (training._fit_locally says why): it then reports to no one but the driver's progress callback."""
+    under_ray_train, local = cfg["under_ray_train"], cfg["local_mode"]
+    if under_ray_train:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    else:
+        rank, world = 0, 1
     torch.set_num_threads(cfg["threads"])
     model_config = ModelConfig.from_dict(cfg["model_config"])
     epochs, seed = cfg["epochs"], cfg["seed"]
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = Classifier(model_config)
-    checkpoint = _resume_point(cfg["resume_from"])
+    checkpoint = _resume_point(cfg["resume_from"], under_ray_train)
     state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -193,7 +199,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                 else:
                     save_checkpoint(StoragePath.parse(tmp), bare_model, model_config, row, state)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(row, checkpoint=ckpt)
+            if under_ray_train:
+                ray.train.report(row, checkpoint=ckpt)
         if rank == 0:
             row["epoch_seconds"] = time.perf_counter() - started  # now with the checkpoint written to storage
             cfg["progress"].put_nowait(("epoch", row, history))

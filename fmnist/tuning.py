@@ -2,8 +2,9 @@
 
 Each trial is a function trainable that calls ``training.train`` on a recipe drawn from the search
 space, holding out the same validation images. On one's own machine a trial of one worker trains
-in Ray Train's local mode, in the trial's own process (no placement group of its own, so nothing
-is left behind when Tune stops it) and reports each epoch to Tune itself; on a cluster it runs
+in local mode, in the trial's own process (no placement group of its own, so nothing is left
+behind when Tune stops it; training._fit_locally has the shim this needs) and reports each epoch
+to Tune itself; on a cluster it runs
 Ray Train's workers, and ``TuneReportCallback`` forwards each epoch's figures, as Ray's docs show.
 ASHA stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
 alone; the test set is only for reported figures, and ``--confirm`` retrains the best recipe on the
@@ -126,11 +127,6 @@ class _ReportToTune(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def _report_epoch(row: dict) -> None:
-    """A local-mode trial's epoch, to Tune (once it is in the trial's history.csv)."""
-    ray.tune.report(row)
-
-
 def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> None:
     """The trainable: one Ray Train run, named after the trial so that a restored search continues it."""
     name = f"trial_{ray.tune.get_context().get_trial_id()}"
@@ -144,7 +140,7 @@ def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> Non
         ray.tune.report({"epoch": int(history[-1]["epoch"]), "val_accuracy": float(history[-1]["val_accuracy"])})
         return
     if settings.local_mode:
-        train(config, Console(quiet=True), data=data, on_epoch=_report_epoch, local_mode=True)
+        train(config, Console(quiet=True), data=data, local_mode=True, tune_trial=True)
     else:
         train(config, Console(quiet=True), data=data, callbacks=[_ReportToTune(run_dir)], local_mode=False)
 

@@ -1,14 +1,16 @@
 """Finding a run's best checkpoint, locally and on URI storage, and loading it."""
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import fmnist
-from fmnist.checkpoints import MODEL_FILE, read_state_dict, resolve_checkpoint, save_checkpoint
+from fmnist.checkpoints import LEGACY_MODEL_FILE, MODEL_FILE, resolve_checkpoint, save_checkpoint
 from fmnist.errors import InputError
 from fmnist.model import Classifier, ModelConfig
 
@@ -58,16 +60,45 @@ def test_paths_that_hold_no_checkpoint_are_refused(tmp_path):
         resolve_checkpoint(tmp_path)
 
 
-def test_the_weights_read_without_torch_are_torch_loads_and_load_the_same_model(tmp_path):
-    # Scoring on CPUs reads model.pt without torch: the same numbers as torch.load, name by name.
+def test_the_weights_are_safetensors_that_numpy_reads_as_torch_does(tmp_path):
+    # Scoring on CPUs reads model.safetensors without torch: the same numbers, name by name.
+    from safetensors.numpy import load_file
+
     config = ModelConfig(hidden=(32, 16), activation="gelu", class_names=("a", "b", "c"))
     torch.manual_seed(0)
     model = Classifier(config).eval()
     save_checkpoint(tmp_path, model, config, {"epoch": 1}, {"epoch": 1})
-    expected = torch.load(tmp_path / MODEL_FILE, weights_only=True)
-    got = read_state_dict(tmp_path / MODEL_FILE)
-    assert list(got) == list(expected)
+    got = load_file(tmp_path / MODEL_FILE)
+    expected = model.state_dict()
+    assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert got[name].dtype == np.float32 and np.array_equal(got[name], tensor.numpy()), name
     x = torch.randn(5, 784)
     assert torch.equal(fmnist.load_model(tmp_path)(x), model(x))
+
+
+def test_a_run_of_model_pt_checkpoints_from_before_safetensors_scores_the_same_and_resumes(
+        ray_session, real_data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from fmnist.cli import main
+    from fmnist.run_configs import TrainConfig
+    from fmnist.training import train
+
+    train(TrainConfig(epochs=1, hidden=(32,), storage_path=str(tmp_path), name="new", data_dir=str(real_data_dir)),
+          local_mode=True)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    for checkpoint in (tmp_path / "old").glob("checkpoint_*"):  # as the code before safetensors wrote them
+        torch.save(load_file(checkpoint / MODEL_FILE), checkpoint / LEGACY_MODEL_FILE)
+        (checkpoint / MODEL_FILE).unlink()
+    x = torch.randn(5, 784)
+    assert torch.equal(fmnist.load_model(tmp_path / "old")(x), fmnist.load_model(tmp_path / "new")(x))
+    for run in ("new", "old"):
+        assert main(["score", "--checkpoint", str(tmp_path / run), "--output", str(tmp_path / f"p-{run}"),
+                     "--data-dir", str(real_data_dir)]) == 0
+    new, old = (pq.read_table(tmp_path / f"p-{run}").sort_by("id") for run in ("new", "old"))
+    assert new["prediction"].equals(old["prediction"]) and new["probabilities"].equals(old["probabilities"])
+
+    resumed = train(TrainConfig(epochs=2, storage_path=str(tmp_path), name="old", resume=True,
+                                data_dir=str(real_data_dir)), local_mode=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
