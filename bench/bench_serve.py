@@ -118,6 +118,23 @@ def load(port: int, body: bytes, clients: int, requests: int) -> dict:
     return {"rps": requests / seconds, "p50_ms": 1000 * quantiles[49], "p99_ms": 1000 * quantiles[98]}
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by a server process and its descendants (Ray's
+    processes, named by their role: ray::ProxyActor, ray::ServeReplica:...), by name."""
+    import psutil
+
+    used: dict[str, float] = {}
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            name = "server" if process is root else process.name()
+            times = process.cpu_times()
+            used[name] = used.get(name, 0) + times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return used
+
+
 def measure(name: str, command: list[str], port: int, body: bytes, levels: list[int], requests: int,
             env: dict) -> list[tuple]:
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -127,10 +144,15 @@ def measure(name: str, command: list[str], port: int, body: bytes, levels: list[
         wait_ready(port, body, proc)
         load(port, body, 8, 200)  # warm-up: connections, replicas' first batches
         for clients in levels:
+            before, client_before = cpu_seconds(proc.pid), time.process_time()
             figures = load(port, body, clients, requests)
+            used = {k: v - before.get(k, 0) for k, v in cpu_seconds(proc.pid).items()}
+            used["the client"] = time.process_time() - client_before
             rows.append((name, clients, figures))
+            top = sorted(used.items(), key=lambda kv: -kv[1])[:4]
             print(f"{name:24s} {clients:3d} clients  {figures['rps']:7.0f} req/s  "
-                  f"p50 {figures['p50_ms']:6.1f} ms  p99 {figures['p99_ms']:6.1f} ms", flush=True)
+                  f"p50 {figures['p50_ms']:6.1f} ms  p99 {figures['p99_ms']:6.1f} ms  CPU ms per request: "
+                  + ", ".join(f"{k} {1000 * v / requests:.2f}" for k, v in top), flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
