@@ -88,7 +88,7 @@ def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> No
 
 def _mlflow_argument(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
-                   help=f"{help_text} (needs pip install 'fmnist[mlflow]')")
+                   help=f"{help_text} (needs pip install -e '.[mlflow]' in the checkout)")
 
 
 def _config_from_args(config_class, args: argparse.Namespace):

@@ -34,7 +34,7 @@ from fmnist.storage import StoragePath
 
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run it logs into
 MLFLOW_EXPERIMENT = "fmnist"  # unless MLFLOW_EXPERIMENT_NAME names another
-MLFLOW_MISSING = "--mlflow needs MLflow, which is not installed; install it with: pip install 'fmnist[mlflow]'"
+MLFLOW_MISSING = "--mlflow needs MLflow, which is not installed; install it in the checkout with: pip install -e '.[mlflow]'"
 CHECKPOINT_ARTIFACT = "checkpoint"  # the best checkpoint's artifact directory
 RUN_ARTIFACTS = ("loss_curve.png", "history.csv", "train_config.json")  # run files logged to MLflow at the end
 _SPLIT_FIGURE = re.compile(r"(train|val|test)_(loss|accuracy)")

@@ -420,6 +420,9 @@ def _fit_on_ray(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, f
         raise JobFailed(f"training failed ({_failures(fit_error)}); after fixing the cause, continue "
                         f"from the last checkpoint with --resume --storage-path {config.storage_path} "
                         f"--name {config.name}") from fit_error
+    if isinstance(fit_error, SystemExit):
+        # Ray Train's handler ends the process (sys.exit) when its abort finds the controller gone.
+        raise KeyboardInterrupt
     if fit_error is not None:
         raise fit_error
     if not files.history or files.history[-1]["epoch"] < config.epochs:

@@ -235,7 +235,8 @@ def check_search(config: SearchConfig) -> tuple[StoragePath, SearchConfig, dict]
         try:
             import optuna  # noqa: F401
         except ImportError:
-            raise InputError("--search optuna needs Optuna: pip install 'fmnist[optuna]'") from None
+            raise InputError("--search optuna needs Optuna; install it in the checkout with: "
+                             "pip install -e '.[optuna]'") from None
     check_mlflow(config.mlflow)
     if config.workers_per_trial > 200:  # the global batch is split across the workers (batch sizes >= 100)
         raise InputError("--workers-per-trial must be at most 200")
