@@ -216,6 +216,7 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
     started_ray = start_ray(config.verbose)
     if not config.verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines, which our one line replaces
+    deployed = False
     try:
         what = f"serving with {config.replicas} replica{'s' * (config.replicas > 1)}"
         wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, config.replicas, what,
@@ -223,6 +224,7 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
                            0 if is_embedded() else config.resource_timeout_s, console)
         serve.start(http_options={"host": config.host, "port": config.port},
                     logging_config={"enable_access_log": False})  # the proxy's line per request, as the replica's
+        deployed = True
         serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
         console.print(f"Serving {checkpoint} at "
                       f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop)", soft_wrap=True)
@@ -232,7 +234,7 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
     finally:
         if started_ray:
             ray.shutdown()  # Serve with it: its actors live in this Ray
-        else:
+        elif deployed:
             serve.delete(APP_NAME)  # a cluster's Serve goes on with its other applications
 
 
