@@ -232,10 +232,12 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
         while True:
             time.sleep(1)
     finally:
+        # On a cluster Serve outlives this driver (its controller is detached): remove our application,
+        # and Serve goes on with any others. An embedded Ray takes Serve down with it.
+        if deployed and not is_embedded():
+            serve.delete(APP_NAME)
         if started_ray:
-            ray.shutdown()  # Serve with it: its actors live in this Ray
-        elif deployed:
-            serve.delete(APP_NAME)  # a cluster's Serve goes on with its other applications
+            ray.shutdown()
 
 
 def _check_port_free(host: str, port: int) -> None:
