@@ -1,4 +1,4 @@
-"""The command line: ``fmnist train|score|evaluate|pipeline|tune`` (``python -m fmnist``, workflows/*.py).
+"""The command line: ``fmnist train|score|evaluate|pipeline|tune|serve`` (``python -m fmnist``, workflows/*.py).
 
 Exit status: 0 success; 1 the job ran but missed its goal; 2 bad input or usage, with one
 ``error: ...`` line on stderr.
