@@ -1,13 +1,17 @@
 """Training as a user feels it: whole `fmnist train` processes, timed step by step.
 
-    python bench/bench_process.py [--epochs 1 6] [--rounds 3] [--pipeline] [-- TRAIN OPTIONS]
+    python bench/bench_process.py [--epochs 1 6] [--rounds 3] [--pipeline] [--checkout DIR] [-- TRAIN OPTIONS]
 
-Each round runs `python workflows/train.py --epochs N` once for each N (its own embedded Ray, the
-defaults), reading its output as it comes: process start -> the header line -> the first epoch's
-row -> the last epoch's row -> exit. Reported: the median over rounds of each step, and the
+Each round runs `python workflows/train.py --epochs N` once for each N (no RAY_ADDRESS, the
+defaults: Ray Train's local mode), reading its output as it comes: process start -> the header
+line -> the first epoch's row -> the last epoch's row -> exit. Each round also times the floor
+of any such process, `python -c "import ray.train, torch"`, and the first row and the exit are
+reported after it too. Reported: the median over rounds of each step, and the
 marginal wall-clock cost of an epoch, (T(M) - T(N)) / (M - N) between the fewest and the most
 epochs: it includes evaluation, checkpoint and report, which `train_seconds` leaves out.
 Everything after ``--`` goes to `fmnist train` as it is (e.g. ``-- --num-workers 2``).
+``--checkout DIR`` runs another checkout's code (e.g. a `git worktree` of an earlier commit), for
+a before/after in one sitting.
 With ``--pipeline`` each run is `workflows/pipeline.py` instead, and the seconds its scoring of
 the test set took (Ray already up, as the pipeline's "Scored ... in S s" line says) are reported
 too, with the whole scoring stage as the user waits for it (from its heading to that line: the
@@ -32,11 +36,24 @@ SCORED = re.compile(r"^Scored [\d,]+ images in ([\d.]+) s")
 STEPS = ("to the header", "header to the first epoch", "first to last epoch", "last epoch to exit", "whole process")
 
 
-def run_once(workflow: str, epochs: int, options: list[str], storage: str) -> dict[str, float]:
-    """One process: the seconds of each of STEPS (and of the pipeline's scoring)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, as on a laptop
+def user_env(checkout: Path) -> dict[str, str]:
+    """One's own machine: no RAY_ADDRESS; ``checkout``'s fmnist first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PYTHONPATH": str(checkout)}
+
+
+def floor_once() -> float:
+    """The seconds of a process that only imports what training needs: Ray Train and torch."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(REPO / "workflows" / f"{workflow}.py"), "--epochs", str(epochs),
+    subprocess.run([sys.executable, "-c", "import ray.train, torch"], check=True, env=user_env(REPO))
+    return time.monotonic() - start
+
+
+def run_once(workflow: str, epochs: int, options: list[str], storage: str, checkout: Path) -> dict[str, float]:
+    """One process: the seconds of each of STEPS (and of the pipeline's scoring)."""
+    env = user_env(checkout)
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(checkout / "workflows" / f"{workflow}.py"), "--epochs", str(epochs),
                              "--storage-path", storage, *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: dict[str, float] = {}
@@ -73,19 +90,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 6])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pipeline", action="store_true", help="time `fmnist pipeline` instead of `fmnist train`")
+    parser.add_argument("--checkout", type=Path, default=REPO, help="the checkout whose code runs (default: this one)")
     args, options = parser.parse_known_args()
     options = [o for o in options if o != "--"]
     workflow = "pipeline" if args.pipeline else "train"
     results: dict[int, list[dict[str, float]]] = {n: [] for n in args.epochs}
     with tempfile.TemporaryDirectory() as storage:
         for round_ in range(args.rounds):
+            floor = floor_once()
             for n in args.epochs:  # interleaved: each round runs every N within the same minutes
-                results[n].append(run_once(workflow, n, options, storage))
+                steps = run_once(workflow, n, options, storage, args.checkout.resolve())
+                steps |= {"floor": floor, "first row after the floor": steps["to the header"] +
+                          steps["header to the first epoch"] - floor,
+                          "exit after the floor": steps["whole process"] - floor}
+                results[n].append(steps)
                 print(f"round {round_ + 1}, {n} epoch(s): " +
                       ", ".join(f"{k} {v:.1f} s" for k, v in results[n][-1].items()), flush=True)
 
     steps = list(results[args.epochs[0]][0])
-    print(f"\nmedians of {args.rounds} rounds, `fmnist {workflow} {' '.join(options)}` (embedded Ray):")
+    print(f"\nmedians of {args.rounds} rounds, `fmnist {workflow} {' '.join(options)}` ({args.checkout}):")
     print("| epochs | " + " | ".join(steps) + " |")
     print("|---" * (len(steps) + 1) + "|")
     for n in args.epochs:

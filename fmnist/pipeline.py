@@ -10,6 +10,7 @@ from fmnist.evaluation import Evaluation, evaluate_predictions, write_json
 from fmnist.evaluation_report import plot_confusion_matrix, print_report
 from fmnist.mistakes import write_mistakes
 from fmnist.run_configs import TrainConfig
+from fmnist.run_layout import CONFUSION_MATRIX_FILE, MISTAKES_FILE, PREDICTIONS_DIR, REPORT_FILE
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath
 from fmnist.tracking import check_mlflow, log_evaluation
@@ -30,7 +31,7 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
         console.rule("Scoring the test set")
         # On CPUs, also after training on GPUs: for 10,000 images a GPU actor's start (torch, CUDA)
         # costs several times the CPUs' whole job (bench/RESULTS.md, GPU), and the predictions agree.
-        scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=run_dir.child("predictions").uri,
+        scored = score(ScoreConfig(checkpoint=trained.best_checkpoint, output=run_dir.child(PREDICTIONS_DIR).uri,
                                    data_dir=config.data_dir, use_gpu=False, overwrite=True,
                                    resource_timeout_s=config.resource_timeout_s, verbose=config.verbose), console)
     finally:
@@ -39,13 +40,13 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     console.rule("Evaluation")
     evaluation = evaluate_predictions(scored.output)
     print_report(evaluation, console)
-    report, plot, mistakes = (run_dir.child(name) for name in ("report.json", "confusion_matrix.png", "mistakes.png"))
+    report, plot, mistakes = (run_dir.child(name) for name in (REPORT_FILE, CONFUSION_MATRIX_FILE, MISTAKES_FILE))
     write_json(evaluation, report.uri)
     plot_confusion_matrix(evaluation, plot.uri)
     write_mistakes(scored.output, evaluation, mistakes.uri, "test", config.data_dir)
     files = {f.name: f.read_bytes() for f in (report, plot, mistakes)}
     log_evaluation(run_dir, trained.history[-1]["epoch"],
-                   images={"confusion_matrix": files["confusion_matrix.png"], "mistakes": files["mistakes.png"]},
+                   images={"confusion_matrix": files[CONFUSION_MATRIX_FILE], "mistakes": files[MISTAKES_FILE]},
                    files=files, metrics={"evaluation_accuracy": evaluation.accuracy,
                                          "evaluation_macro_f1": evaluation.macro_avg["f1"]},
                    mlflow_uri=config.mlflow)

@@ -30,13 +30,13 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from fmnist.errors import InputError
+from fmnist.run_layout import HISTORY_FILE, LOSS_CURVE_FILE, MLFLOW_RUN_FILE, RUN_CONFIG_FILE
 from fmnist.storage import StoragePath
 
-MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run it logs into
 MLFLOW_EXPERIMENT = "fmnist"  # unless MLFLOW_EXPERIMENT_NAME names another
 MLFLOW_MISSING = "--mlflow needs MLflow, which is not installed; install it in the checkout with: pip install -e '.[mlflow]'"
 CHECKPOINT_ARTIFACT = "checkpoint"  # the best checkpoint's artifact directory
-RUN_ARTIFACTS = ("loss_curve.png", "history.csv", "train_config.json")  # run files logged to MLflow at the end
+RUN_ARTIFACTS = (LOSS_CURVE_FILE, HISTORY_FILE, RUN_CONFIG_FILE)  # run files logged to MLflow at the end
 _SPLIT_FIGURE = re.compile(r"(train|val|test)_(loss|accuracy)")
 
 

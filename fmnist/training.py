@@ -33,11 +33,11 @@ from fmnist.cluster import is_embedded, one_per_gpu, quiet_ray_logs, start_ray, 
 from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig, learning_rate
+from fmnist.run_layout import HISTORY_FILE, LOSS_CURVE_FILE, RUN_CONFIG_FILE, read_history
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 
-RUN_CONFIG_FILE = "train_config.json"
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
     "epochs", "lr", "batch_size", "hidden", "activation", "dropout", "weight_decay", "label_smoothing", "schedule",
@@ -100,7 +100,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     _warn_ignored_recipe(config, recipe)
     placement = {k: saved[k] for k in PLACEMENT_FIELDS if getattr(config, k) is None and saved.get(k) is not None}
     _note_changed_placement(config, saved)
-    done = run_dir.read_text("history.csv").count("\n") - 1 if run_dir.child("history.csv").exists() else 0
+    done = len(read_history(run_dir))
     if done >= epochs:
         raise InputError(f"--resume: {run_dir.uri} has finished {done} epochs; pass --epochs N (more than {done}) "
                          "to train it further")
@@ -216,7 +216,7 @@ class _RunFiles:
         if self.startup_seconds is None:
             self.startup_seconds = time.perf_counter() - self.called_at - row["epoch_seconds"]
         self.view.epoch_done(row)
-        self.run_dir.write("history.csv", history_csv(self.history).encode())
+        self.run_dir.write(HISTORY_FILE, history_csv(self.history).encode())
         self.tracker.epochs(self.history)
         if self.on_epoch:
             self.on_epoch(row)
@@ -306,7 +306,7 @@ def train(config: TrainConfig, console: Console | None = None, *, data: FashionM
                     # Drawn once at the end (also of an interrupted run): matplotlib on every epoch
                     # takes CPU from the workers on a small machine.
                     if files.history:
-                        run_dir.write("loss_curve.png", loss_curve_png(files.history))
+                        run_dir.write(LOSS_CURVE_FILE, loss_curve_png(files.history))
             return _finish(config, run_dir, files, tracker, console)
     finally:
         if started_ray:

@@ -18,8 +18,6 @@ The search directory ``<storage-path>/<name>/`` holds Tune's experiment state (i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import re
@@ -43,9 +41,10 @@ from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import SearchConfig, TrainConfig
 from fmnist.search_space import load_space, recipe, tune_space
+from fmnist.run_layout import RUN_CONFIG_FILE, read_history
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
-from fmnist.training import RUN_CONFIG_FILE, train
+from fmnist.training import train
 from fmnist.tuning_report import SearchView, TrialRow, leaderboard_csv, ranked, recipe_text, trials_table
 
 SEARCH_CONFIG_FILE = "search_config.json"
@@ -122,7 +121,7 @@ class _ReportToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         deadline = time.monotonic() + 30
-        while _epochs_in_history(self.run_dir) < metrics[0]["epoch"] and time.monotonic() < deadline:
+        while _epochs_inread_history(self.run_dir) < metrics[0]["epoch"] and time.monotonic() < deadline:
             time.sleep(0.05)
         super().after_report(run_context, metrics, checkpoint)
 
@@ -133,7 +132,7 @@ def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> Non
     config = trial_config(recipe(sample, settings.architecture), settings, name)
     run_dir = StoragePath.parse(settings.search_dir).child(name)
     config = replace(config, resume=run_dir.child(RUN_CONFIG_FILE).exists())
-    history = _history(run_dir) if config.resume else []
+    history = read_history(run_dir) if config.resume else []
     if len(history) >= config.epochs:
         # Interrupted after its last epoch, before Tune saw it end: the run is whole (and training it
         # again would be refused). Tell Tune how it ended.
@@ -152,15 +151,9 @@ def _tune_dirname(trial) -> str:
 # ----------------------------------------------------------------------------- reading trials back
 
 
-def _history(run_dir: StoragePath) -> list[dict]:
-    if not run_dir.child("history.csv").exists():
-        return []
-    return list(csv.DictReader(io.StringIO(run_dir.read_text("history.csv"))))
-
-
-def _epochs_in_history(run_dir: StoragePath) -> int:
+def _epochs_inread_history(run_dir: StoragePath) -> int:
     try:
-        return len(_history(run_dir))
+        return len(read_history(run_dir))
     except OSError:
         return 0
 
@@ -178,7 +171,7 @@ def trial_rows(trials, interrupted: set[str], search_dir: StoragePath, settings:
     rows = []
     for trial in trials:
         run_dir = search_dir.child(f"trial_{trial.trial_id}")
-        history = _history(run_dir)
+        history = read_history(run_dir)
         row = TrialRow(trial.trial_id, recipe(trial.config, settings.architecture), epochs=len(history),
                        run_dir=run_dir.uri if history else "")
         if history:
@@ -393,7 +386,7 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
         run = _train_config(parse_arguments(["train", *args]))
         # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
         run_dir = StoragePath.parse(settings.search_dir).child(name)
-        history = _history(run_dir)
+        history = read_history(run_dir)
         if len(history) >= run.epochs:
             console.print(f"{run_dir.uri}: finished before, {len(history)} epochs")
             accuracies.append(float(history[-1]["test_accuracy"]))
