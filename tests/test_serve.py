@@ -28,7 +28,7 @@ from ray import serve
 from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, short_ray_tmpdir, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME, MAX_BODY_BYTES, app
+from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app
 
 
 def free_port() -> int:
@@ -132,6 +132,8 @@ BAD_REQUESTS = {  # case -> (body, content type, status, words of the error)
     "not JSON": (b"{images", "application/json", 400, "JSON"),
     "an empty list": (b'{"images": []}', "application/json", 400, "non-empty"),
     "too large a body": (b"\0" * (MAX_BODY_BYTES + 1), "image/png", 413, "limit"),
+    "too many images": (json.dumps({"images": [b64(b"x")] * (MAX_IMAGES + 1)}).encode(), "application/json", 413,
+                        "limit"),
 }
 
 
