@@ -14,7 +14,7 @@ from fmnist.run_layout import CONFUSION_MATRIX_FILE, MISTAKES_FILE, PREDICTIONS_
 from fmnist.scoring import ScoreConfig, score
 from fmnist.storage import StoragePath
 from fmnist.tracking import check_mlflow, log_evaluation
-from fmnist.training import train
+from fmnist.training import runs_in_local_mode, train
 
 
 def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluation:
@@ -24,9 +24,11 @@ def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluat
     The run directory may be local, NFS or on object storage."""
     console = console or Console()
     check_mlflow(config.mlflow)
-    started_ray = start_ray(config.verbose)
+    # Training in local mode needs no Ray: it starts for scoring. Otherwise both share one.
+    started_ray = False if runs_in_local_mode(config) else start_ray(config.verbose)
     try:
         trained = train(config, console)
+        started_ray = start_ray(config.verbose) or started_ray
         run_dir = StoragePath.parse(trained.run_dir)
         console.rule("Scoring the test set")
         # On CPUs, also after training on GPUs: for 10,000 images a GPU actor's start (torch, CUDA)
