@@ -55,7 +55,8 @@ def run_once(workflow: str, epochs: int, options: list[str], storage: str, check
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(checkout / "workflows" / f"{workflow}.py"), "--epochs", str(epochs),
                              "--storage-path", storage, *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=checkout)  # Ray puts the driver's directory on its workers' path
     seen: dict[str, float] = {}
     output = []
     for line in proc.stdout:

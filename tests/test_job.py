@@ -95,7 +95,7 @@ def test_training_job_submitted_to_a_head_node(head_node, tmp_path, real_data_di
     assert "on 2 workers (CPU, 1 thread each)" in output  # on a cluster, Ray Train's 1 CPU per worker
     assert "best checkpoint:" in output
     assert (storage / "job" / "history.csv").read_text().count("\n") == 2
-    assert list((storage / "job").glob("checkpoint_*/model.pt"))
+    assert list((storage / "job").glob("checkpoint_*/model.safetensors"))
 
 
 def test_a_job_gives_the_cluster_resource_timeout_to_grow(head_node, tmp_path, real_data_dir):
@@ -116,4 +116,4 @@ def test_a_job_on_s3_gets_its_storage_settings_from_the_runtime_env(head_node, s
     assert code == 0, output
     assert "testing-secret" not in output  # never a secret
     keys = s3_server.keys(bucket, "runs/job/")
-    assert "runs/job/history.csv" in keys and any(k.endswith("/model.pt") for k in keys)
+    assert "runs/job/history.csv" in keys and any(k.endswith("/model.safetensors") for k in keys)
