@@ -70,14 +70,20 @@ def save_checkpoint(
 def load_training_state(directory: Path) -> tuple[dict, dict[str, Any]]:
     """The model's state dict (torch tensors) and the training state of a local checkpoint directory."""
     import torch
+    from safetensors.torch import load_file
 
-    if (directory / MODEL_FILE).exists():
-        from safetensors.torch import load_file
-
-        weights = load_file(directory / MODEL_FILE)
+    weights_file = _weights_file(directory)
+    if weights_file.name == MODEL_FILE:
+        weights = load_file(weights_file)
     else:
-        weights = torch.load(directory / LEGACY_MODEL_FILE, map_location="cpu", weights_only=True)
+        weights = torch.load(weights_file, map_location="cpu", weights_only=True)
     return weights, torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _weights_file(directory: Path) -> Path:
+    """A local checkpoint directory's weights: model.safetensors, or an older checkpoint's model.pt."""
+    legacy = directory / LEGACY_MODEL_FILE
+    return legacy if legacy.exists() and not (directory / MODEL_FILE).exists() else directory / MODEL_FILE
 
 
 def latest_checkpoint(run_dir: StoragePath) -> StoragePath | None:
@@ -163,10 +169,10 @@ def _load_directory(directory: Path, shown: str) -> NumpyClassifier:
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the path of a fetched copy
         raise InputError(f"checkpoint {shown} has a missing or bad {CONFIG_FILE} ({why})") from None
-    legacy = not (directory / MODEL_FILE).exists() and (directory / LEGACY_MODEL_FILE).exists()
-    name = LEGACY_MODEL_FILE if legacy else MODEL_FILE
+    weights_file = _weights_file(directory)
+    name = weights_file.name
     try:
-        state = _read_legacy_weights(directory / name) if legacy else _read_weights(directory / name)
+        state = _read_weights(weights_file) if name == MODEL_FILE else _read_legacy_weights(weights_file)
     except OSError as e:
         raise InputError(f"checkpoint {shown}: cannot read {name} ({e.strerror or e})") from None
     except Exception:  # safetensors and torch.load raise their own kinds for a damaged file

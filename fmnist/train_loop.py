@@ -162,7 +162,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if "val_images" in data:
         val_x = normalize(torch.tensor(_array(data["val_images"])), model_config).to(device)
         val_y = torch.tensor(_array(data["val_labels"])).to(device)
-    run_dir = StoragePath.parse(cfg["run_dir"])
+    run_dir = StoragePath.parse(cfg["run_dir"]) if local else None  # where local mode writes its checkpoints
 
     for epoch in range(first_epoch, epochs + 1):
         # Every source of randomness is derived from (seed, epoch, rank): a resumed or restarted

@@ -149,7 +149,7 @@ def _placed_locally(config: TrainConfig) -> tuple[TrainConfig, str]:
     return replace(config, use_gpu=use_gpu, num_workers=1, cpus_per_worker=cpus), why
 
 
-def _placed(config: TrainConfig) -> tuple[TrainConfig, str]:
+def _placed(config: TrainConfig) -> TrainConfig:
     """``config`` with what it left to the cluster decided: GPUs or not, workers, CPUs (= torch threads) each."""
     total = ray.cluster_resources()
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
@@ -159,7 +159,7 @@ def _placed(config: TrainConfig) -> tuple[TrainConfig, str]:
         # On an embedded local Ray the workers may as well share all cores; on a cluster keep
         # Ray Train's default of 1 so that workers pack onto nodes.
         cpus = max(1, int(total.get("CPU", 1)) // workers) if is_embedded() else 1
-    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus), ""
+    return replace(config, use_gpu=use_gpu, num_workers=workers, cpus_per_worker=cpus)
 
 
 def _count(n: int, thing: str) -> str:
@@ -277,7 +277,7 @@ def train(config: TrainConfig, console: Console | None = None, *, data: FashionM
         if local_mode:
             config, why = _placed_locally(config)
         else:
-            config, why = _placed(config)
+            config, why = _placed(config), ""
             _check_batch_splits(config)  # with the worker count the cluster decided
             workers = config.num_workers
             remedy = "ask for fewer (--num-workers, --cpus-per-worker)" + (" or --no-gpu" if config.use_gpu else "")

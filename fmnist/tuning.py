@@ -4,9 +4,8 @@ Each trial is a function trainable that calls ``training.train`` on a recipe dra
 space, holding out the same validation images. On one's own machine a trial of one worker trains
 in local mode, in the trial's own process (no placement group of its own, so nothing is left
 behind when Tune stops it; training._fit_locally has the shim this needs) and reports each epoch
-to Tune itself; on a cluster it runs
-Ray Train's workers, and ``TuneReportCallback`` forwards each epoch's figures, as Ray's docs show.
-ASHA stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
+to Tune itself; on a cluster it runs Ray Train's workers, and ``TuneReportCallback`` forwards each
+epoch's figures, as Ray's docs show. ASHA stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
 alone; the test set is only for reported figures, and ``--confirm`` retrains the best recipe on the
 whole training set.
 
@@ -121,7 +120,7 @@ class _ReportToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         deadline = time.monotonic() + 30
-        while _epochs_inread_history(self.run_dir) < metrics[0]["epoch"] and time.monotonic() < deadline:
+        while _epochs_in_history(self.run_dir) < metrics[0]["epoch"] and time.monotonic() < deadline:
             time.sleep(0.05)
         super().after_report(run_context, metrics, checkpoint)
 
@@ -151,7 +150,7 @@ def _tune_dirname(trial) -> str:
 # ----------------------------------------------------------------------------- reading trials back
 
 
-def _epochs_inread_history(run_dir: StoragePath) -> int:
+def _epochs_in_history(run_dir: StoragePath) -> int:
     try:
         return len(read_history(run_dir))
     except OSError:
