@@ -63,6 +63,15 @@ _seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 _fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.88")
 
 
+def _augmentations(text: str) -> tuple[str, ...]:
+    from fmnist.run_configs import parse_augmentations
+
+    try:
+        return parse_augmentations(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _output_file(text: str) -> str:
     """An argparse type for a file to write: checked before the work, not after it (a URI: when written)."""
     if not text:
@@ -99,7 +108,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from fmnist.model_config import ACTIVATIONS
-    from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
+    from fmnist.run_configs import AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
 
     d = TrainConfig()
     run = p.add_argument_group("run")
@@ -147,6 +156,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         help="learning-rate schedule over the epochs (default %(default)s)")
     recipe.add_argument("--seed", type=_seed, default=d.seed, help="random seed (default %(default)s)")
     _validation_argument(recipe, d.validation, 0, "none; the last checkpoint is the run's")
+    recipe.add_argument("--augment", type=_augmentations, default=d.augment, metavar="LIST",
+                        help=f"augment each training batch: 'none' or any of {','.join(AUGMENTATIONS)} "
+                             "(left-right flips, shifts of up to 2 pixels, a blanked rectangle; default none)")
+    recipe.add_argument("--early-stopping", type=_non_negative_int, default=d.early_stopping, metavar="N",
+                        help="stop once validation accuracy has not improved for N epochs; needs --validation "
+                             "(default %(default)s: never)")
 
 
 def _validation_argument(p: argparse.ArgumentParser, default: int, minimum: int, meaning: str) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fmnist.errors import InputError
 from fmnist.model_config import ModelConfig
 
 DEFAULT_EPOCHS = 20
+AUGMENTATIONS = ("flip", "shift", "erase")  # what fmnist.augment does with each
 CPU_WORKERS = 2  # workers on a CPU-only cluster, unless told otherwise
 
 
@@ -28,6 +30,8 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine"
     seed: int = 0
     validation: int = 0  # training images held out (class-balanced, from the seed) to choose checkpoints on
+    augment: tuple[str, ...] = ()  # of AUGMENTATIONS, applied to each training batch
+    early_stopping: int = 0  # stop once validation accuracy has not improved for this many epochs; 0: never
     # where and how it runs
     num_workers: int | None = None  # None: one per GPU; on CPUs 1 on your own machine, CPU_WORKERS on a cluster
     use_gpu: bool | None = None  # None: when the cluster has GPUs
@@ -41,6 +45,11 @@ class TrainConfig:
     resource_timeout_s: float = 60.0
     verbose: bool = False
     mlflow: str | None = None  # an MLflow tracking URI to log to; "" for MLflow's default
+
+    def __post_init__(self):
+        if self.early_stopping and not self.validation:
+            raise InputError("--early-stopping needs --validation N: it stops on validation accuracy, never on "
+                             "the test set's")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(hidden=tuple(self.hidden), dropout=self.dropout, activation=self.activation)
@@ -69,6 +78,19 @@ class SearchConfig:
     resource_timeout_s: float = 60.0
     verbose: bool = False
     mlflow: str | None = None  # an MLflow tracking URI each trial logs its run to; "" for MLflow's default
+
+
+def parse_augmentations(text: str) -> tuple[str, ...]:
+    """``"flip,shift"`` -> ("flip", "shift"); ``"none"`` -> (). ValueError for anything else."""
+    names = () if text == "none" else tuple(text.split(","))
+    if any(n not in AUGMENTATIONS for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"expected 'none' or a comma-separated list of {', '.join(AUGMENTATIONS)}, got {text!r}")
+    return tuple(n for n in AUGMENTATIONS if n in names)  # one order, whatever the order given
+
+
+def augmentations_text(names: tuple[str, ...]) -> str:
+    """The --augment text of ``names``: the inverse of parse_augmentations."""
+    return ",".join(names) or "none"
 
 
 def learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:

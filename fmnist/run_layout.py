@@ -25,6 +25,13 @@ PREDICTIONS_DIR = "predictions"
 REPORT_FILE = "report.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 MISTAKES_FILE = "mistakes.png"
+STOPPED_EARLY_COLUMN = "stopped_early"  # of history.csv in a run with --early-stopping: 1 on the epoch it stopped
+
+
+def stopped_early(history: list[dict]) -> bool:
+    """Whether a run's history (rows as read_history or the training loop give them) ends in an
+    early stop: its last row says so (--early-stopping)."""
+    return bool(history) and str(history[-1].get(STOPPED_EARLY_COLUMN, "0")) in ("1", "True")
 
 
 def read_history(run_dir: StoragePath) -> list[dict[str, str]]:

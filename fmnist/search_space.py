@@ -29,7 +29,8 @@ ARCHITECTURE_KEYS = ("depth", "width", "shrink")
 # Each option a space may name, and the type of its values.
 PARAMETERS: dict[str, type] = {
     "depth": int, "width": int, "shrink": float, "activation": str, "lr": float, "batch_size": int,
-    "dropout": float, "weight_decay": float, "label_smoothing": float, "schedule": str,
+    "dropout": float, "weight_decay": float, "label_smoothing": float, "schedule": str, "augment": str,
+    "early_stopping": int,
 }
 # Which distributions each type of value may have.
 DISTRIBUTIONS = {int: ("choice", "int"), float: ("choice", "uniform", "loguniform"), str: ("choice",)}

@@ -28,8 +28,10 @@ from torch import nn
 from fmnist.checkpoints import (
     METRICS_FILE, checkpoint_name, load_training_state, prune_checkpoints, save_checkpoint,
 )
+from fmnist.augment import augment
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.run_configs import learning_rate
+from fmnist.run_layout import STOPPED_EARLY_COLUMN
 from fmnist.storage import StoragePath
 
 
@@ -40,8 +42,10 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smoothing, rank, world, on_batch) -> float:
-    """One pass over the training set; returns the global mean NLL loss.
+def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smoothing, rank, world, on_batch,
+                     prepare) -> float:
+    """One pass over the training set (uint8 ``images``, each batch ``prepare``d: augmented and
+    normalized); returns the global mean NLL loss.
 
     Step s trains on the global batch order[s*B:(s+1)*B], of which this rank takes every
     world-th sample. Each rank's loss is its sum over the global batch size times world, so
@@ -49,12 +53,12 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smooth
     With label smoothing e the loss minimised is (1 - e) * NLL + e * mean over classes of -log p.
     """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)  # no .item() per step: a GPU sync
+    loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)  # no .item() per step: a GPU sync
     steps = math.ceil(len(order) / batch_size)
     for step in range(steps):
         batch = order[step * batch_size:(step + 1) * batch_size]
         mine = batch[rank::world]
-        log_probs = model(images[mine])
+        log_probs = model(prepare(images[mine]))
         nll = nn.functional.nll_loss(log_probs, labels[mine], reduction="sum")
         loss = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).sum() if smoothing else nll
         optimizer.zero_grad(set_to_none=True)
@@ -62,7 +66,7 @@ def _train_one_epoch(model, optimizer, images, labels, order, batch_size, smooth
         optimizer.step()
         loss_sum += nll.detach()
         on_batch(step + 1, steps)
-    (total,) = _all_reduce_sum([loss_sum.item()], images.device)
+    (total,) = _all_reduce_sum([loss_sum.item()], labels.device)
     return total / len(order)
 
 
@@ -92,6 +96,12 @@ class _ProgressSender:
         if self.enabled and (now - self.last > 0.2 or done == total):
             self.last = now
             self.queue.put_nowait(("batch", self.epoch, done, total))
+
+
+def _epochs_without_gain(history: list[dict]) -> int:
+    """Epochs since validation accuracy last reached a new best (0: it did this epoch)."""
+    best = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -i))  # the first to reach it
+    return len(history) - 1 - best
 
 
 def _epoch_of(checkpoint: ray.train.Checkpoint) -> int:
@@ -154,8 +164,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         first_epoch, history = state["epoch"] + 1, state["history"]
 
     data = cfg["data"]
-    # torch.tensor copies: the object store's arrays are read-only.
-    train_x = normalize(torch.tensor(_array(data["train_images"])), model_config).to(device)
+    # torch.tensor copies: the object store's arrays are read-only. The training images stay uint8
+    # (a quarter of float32's memory), each batch augmented and normalized as it is drawn.
+    train_x = torch.tensor(_array(data["train_images"])).to(device)
     train_y = torch.tensor(_array(data["train_labels"])).to(device)
     test_x = normalize(torch.tensor(_array(data["test_images"])), model_config).to(device)
     test_y = torch.tensor(_array(data["test_labels"])).to(device)
@@ -170,13 +181,18 @@ def train_loop_per_worker(cfg: dict) -> None:
         torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)  # dropout masks
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         order = order.to(device)
+        draws = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + rank + 2**40)  # augmentation's
+
+        def prepare(batch: torch.Tensor) -> torch.Tensor:
+            return normalize(augment(batch, cfg["augment"], draws) if cfg["augment"] else batch, model_config)
+
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg["lr"], cfg["schedule"], epoch, epochs)
         started = time.perf_counter()
         on_batch = _ProgressSender(cfg["progress"], epoch, enabled=rank == 0)
         train_loss = _train_one_epoch(
             model, optimizer, train_x, train_y, order, cfg["batch_size"], cfg["label_smoothing"], rank, world,
-            on_batch,
+            on_batch, prepare,
         )
         train_seconds = time.perf_counter() - started
         test_loss, test_accuracy = _evaluate(bare_model, test_x, test_y, rank, world)
@@ -187,11 +203,13 @@ def train_loop_per_worker(cfg: dict) -> None:
         }
         if "val_images" in data:
             row["val_loss"], row["val_accuracy"] = _evaluate(bare_model, val_x, val_y, rank, world)
+        history.append(row)  # on every rank: each decides on an early stop alike, from all-reduced figures
+        if cfg["early_stopping"]:
+            row[STOPPED_EARLY_COLUMN] = int(_epochs_without_gain(history) >= cfg["early_stopping"])
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 row["epoch_seconds"] = time.perf_counter() - started  # what metrics.json records
-                history.append(row)
                 state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "seed": seed, "history": history}
                 if local:  # written once, where it stays
                     save_checkpoint(run_dir.child(checkpoint_name()), bare_model, model_config, row, state)
@@ -204,3 +222,5 @@ def train_loop_per_worker(cfg: dict) -> None:
         if rank == 0:
             row["epoch_seconds"] = time.perf_counter() - started  # now with the checkpoint written to storage
             cfg["progress"].put_nowait(("epoch", row, history))
+        if row.get(STOPPED_EARLY_COLUMN):
+            break

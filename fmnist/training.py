@@ -33,7 +33,7 @@ from fmnist.cluster import is_embedded, one_per_gpu, quiet_ray_logs, start_ray, 
 from fmnist.data import FashionMNIST, load_fashion_mnist, validation_split
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig, learning_rate
-from fmnist.run_layout import HISTORY_FILE, LOSS_CURVE_FILE, RUN_CONFIG_FILE, read_history
+from fmnist.run_layout import HISTORY_FILE, LOSS_CURVE_FILE, RUN_CONFIG_FILE, read_history, stopped_early
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import TrainingTracker, check_mlflow
 from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
@@ -41,12 +41,12 @@ from fmnist.training_report import TrainingConsole, history_csv, loss_curve_png
 # Options that define what is trained; a resumed run keeps the ones it started with.
 RECIPE_FIELDS = (
     "epochs", "lr", "batch_size", "hidden", "activation", "dropout", "weight_decay", "label_smoothing", "schedule",
-    "seed", "validation",
+    "seed", "validation", "augment", "early_stopping",
 )
 # Where it ran; a resumed run keeps these too unless told otherwise, since other workers draw
 # other dropout masks (and other threads round differently).
 PLACEMENT_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker")
-NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0}  # what runs from before these options used
+NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0, "augment": [], "early_stopping": 0}  # what runs from before these options used
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
         saved = json.loads(run_dir.read_text(RUN_CONFIG_FILE))
         saved = {**NEWER_RECIPE_DEFAULTS, **saved}
         recipe = {k: saved[k] for k in RECIPE_FIELDS if k != "epochs"}
-        recipe["hidden"] = tuple(recipe["hidden"])
+        recipe["hidden"], recipe["augment"] = tuple(recipe["hidden"]), tuple(recipe["augment"])
         # --epochs on a resume may extend the run; otherwise it ends where it was meant to.
         epochs = config.epochs or int(saved["epochs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -100,7 +100,12 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     _warn_ignored_recipe(config, recipe)
     placement = {k: saved[k] for k in PLACEMENT_FIELDS if getattr(config, k) is None and saved.get(k) is not None}
     _note_changed_placement(config, saved)
-    done = len(read_history(run_dir))
+    history = read_history(run_dir)
+    done = len(history)
+    if history and stopped_early(history):
+        raise InputError(f"--resume: {run_dir.uri} stopped early at epoch {done} (no better validation accuracy "
+                         f"for {_count(saved['early_stopping'], 'epoch')}); its best checkpoint is the run's. Start "
+                         "a new run to train on")
     if done >= epochs:
         raise InputError(f"--resume: {run_dir.uri} has finished {done} epochs; pass --epochs N (more than {done}) "
                          "to train it further")
@@ -425,7 +430,7 @@ def _fit_on_ray(config: TrainConfig, run_dir: StoragePath, data: FashionMNIST, f
         raise KeyboardInterrupt
     if fit_error is not None:
         raise fit_error
-    if not files.history or files.history[-1]["epoch"] < config.epochs:
+    if not files.history or (files.history[-1]["epoch"] < config.epochs and not stopped_early(files.history)):
         raise KeyboardInterrupt  # fit() returned before the last epoch: Ray Train's handler aborted the run
 
 
@@ -439,6 +444,9 @@ def _finish(config: TrainConfig, run_dir: StoragePath, files: _RunFiles, tracker
                   f"(test accuracy {100 * metrics['test_accuracy']:.2f}%)")
     else:
         chosen = f"test accuracy {100 * metrics['test_accuracy']:.2f}% at the last epoch ({metrics['epoch']})"
+    if stopped_early(files.history):
+        chosen = (f"stopped early at epoch {files.history[-1]['epoch']} of {config.epochs}: no better validation "
+                  f"accuracy for {_count(config.early_stopping, 'epoch')}; {chosen}")
     tracker.finish(best)
     console.print(
         f"[bold green]Done.[/] {chosen}\nbest checkpoint: {best.uri}\nrun directory:   {run_dir.uri}",

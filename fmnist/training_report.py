@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fmnist.run_layout import STOPPED_EARLY_COLUMN
+
 HISTORY_COLUMNS = (
     "epoch", "train_loss", "test_loss", "test_accuracy", "train_seconds", "epoch_seconds", "samples_per_second",
 )
@@ -21,7 +23,8 @@ def _validated(history: list[dict]) -> bool:
 
 def history_csv(history: list[dict]) -> str:
     out = io.StringIO()
-    columns = HISTORY_COLUMNS + VALIDATION_COLUMNS * _validated(history)
+    columns = (HISTORY_COLUMNS + VALIDATION_COLUMNS * _validated(history)
+               + (STOPPED_EARLY_COLUMN,) * (bool(history) and STOPPED_EARLY_COLUMN in history[0]))
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)

@@ -40,7 +40,7 @@ from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import SearchConfig, TrainConfig
 from fmnist.search_space import load_space, recipe, tune_space
-from fmnist.run_layout import RUN_CONFIG_FILE, read_history
+from fmnist.run_layout import RUN_CONFIG_FILE, read_history, stopped_early
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
 from fmnist.training import train
@@ -132,7 +132,7 @@ def _run_trial(sample: dict, data: FashionMNIST, settings: TrialSettings) -> Non
     run_dir = StoragePath.parse(settings.search_dir).child(name)
     config = replace(config, resume=run_dir.child(RUN_CONFIG_FILE).exists())
     history = read_history(run_dir) if config.resume else []
-    if len(history) >= config.epochs:
+    if len(history) >= config.epochs or stopped_early(history):
         # Interrupted after its last epoch, before Tune saw it end: the run is whole (and training it
         # again would be refused). Tell Tune how it ended.
         ray.tune.report({"epoch": int(history[-1]["epoch"]), "val_accuracy": float(history[-1]["val_accuracy"])})
@@ -371,7 +371,8 @@ def _report(config: SearchConfig, settings: TrialSettings, rows: list[TrialRow],
 def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, search_dir: StoragePath,
              console: Console) -> list[float]:
     """Retrain the best recipe on the whole training set (no validation split) with --confirm seeds;
-    the final epoch's test accuracy of each: the honest figure of the recipe."""
+    the final epoch's test accuracy of each: the honest figure of the recipe. With no held-out
+    images there is nothing to stop early on: an --early-stopping recipe trains its whole budget."""
     from fmnist.cli import _train_config, parse_arguments
 
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
@@ -381,7 +382,8 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     accuracies = []
     for seed in range(config.seed, config.seed + config.confirm):
         name = f"confirm_seed{seed}"
-        args = [*train_arguments(best.recipe, replace(settings, seed=seed)), *_run_arguments(settings, name)]
+        full_budget = {k: v for k, v in best.recipe.items() if k != "early_stopping"}
+        args = [*train_arguments(full_budget, replace(settings, seed=seed)), *_run_arguments(settings, name)]
         run = _train_config(parse_arguments(["train", *args]))
         # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
         run_dir = StoragePath.parse(settings.search_dir).child(name)

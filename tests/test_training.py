@@ -185,6 +185,9 @@ def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(ra
     (["--name", "é"], "--name 'é' must be a plain directory name"),
     (["--storage-path", "foo://bar"], "storage path foo://bar is not usable"),
     (["--gpus", "1"], "unrecognized arguments: --gpus 1 (see 'fmnist train --help')"),
+    (["--augment", "flip,rotate"], "--augment: expected 'none' or a comma-separated list of flip, shift, erase"),
+    (["--early-stopping", "3"], "--early-stopping needs --validation"),
+    (["--early-stopping", "-1", "--validation", "100"], "--early-stopping"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
     assert main(["train", "--storage-path", str(tmp_path), *options]) == 2
