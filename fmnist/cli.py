@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from fmnist.errors import InputError, JobFailed
+from fmnist.run_configs import (
+    MAX_VALIDATION, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TRAIN_RULES, Rule,
+)
 from fmnist.storage import is_uri
-
-
-MAX_WIDTH = 65_536  # --hidden: wider layers only run out of memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,12 +54,14 @@ def _checked(convert, accept, expected: str):
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_positive_float = _checked(float, lambda v: v > 0, "a positive number")
-_probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-_non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
-_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+def _by(rule: Rule):
+    """An argparse type of a config's rule: the command line refuses what the config would."""
+    return _checked(rule.kind, rule.accept, rule.expected)
+
+
+_positive_int = _by(POSITIVE_INT)
+_non_negative_int = _by(NON_NEGATIVE_INT)
+_seed = _by(SEED)
 _fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.88")
 
 
@@ -90,7 +92,7 @@ def _output_file(text: str) -> str:
 
 
 def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> None:
-    p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_non_negative, default=default,
+    p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_by(NON_NEGATIVE), default=default,
                    metavar="SECONDS",
                    help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)g)")
 
@@ -108,20 +110,21 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from fmnist.model_config import ACTIVATIONS
-    from fmnist.run_configs import AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, TrainConfig
+    from fmnist.run_configs import AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
+    rule = {field: _by(r) for field, r in TRAIN_RULES.items()}  # each option refuses what TrainConfig would
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=_positive_int, default=d.epochs,
+    run.add_argument("--epochs", type=rule["epochs"], default=d.epochs,
                      help=f"epochs to train (default {DEFAULT_EPOCHS}; on --resume the run's own, or more)")
-    run.add_argument("--num-workers", type=_positive_int, default=d.num_workers, metavar="W",
+    run.add_argument("--num-workers", type=rule["num_workers"], default=d.num_workers, metavar="W",
                      help=f"Ray Train workers, data parallel (default: 1 with every core on your own machine, "
                           f"{CPU_WORKERS} on a CPU cluster, one per GPU on GPUs)")
     gpu = run.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has GPUs)")
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
-    run.add_argument("--cpus-per-worker", type=_positive_int, default=None, metavar="N",
+    run.add_argument("--cpus-per-worker", type=rule["cpus_per_worker"], default=None, metavar="N",
                      help="CPUs each worker reserves and uses as torch threads "
                           "(default: the cluster's CPUs shared among the workers, locally; 1 on a cluster)")
     run.add_argument("--storage-path", default=d.storage_path,
@@ -130,46 +133,42 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue the run --name (default: the latest run) from its last checkpoint")
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
-    run.add_argument("--keep", type=_positive_int, default=d.keep,
+    run.add_argument("--keep", type=rule["keep"], default=d.keep,
                      help="checkpoints to keep: the latest, or with --validation the best by validation accuracy "
                           "and the latest (default %(default)s)")
-    run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
+    run.add_argument("--max-failures", type=rule["max_failures"], default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
     _resource_timeout_argument(run, d.resource_timeout_s)
     run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     _mlflow_argument(run, "also log the run to MLflow: recipe, every epoch's figures, best checkpoint, plots; "
                           "the default URI is $MLFLOW_TRACKING_URI, else MLflow's local default")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
-    recipe.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    recipe.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    recipe.add_argument("--lr", type=rule["lr"], default=d.lr, help="Adam learning rate (default %(default)s)")
+    recipe.add_argument("--batch-size", type=rule["batch_size"], default=d.batch_size,
                         help="global batch size, split across workers (default %(default)s)")
     recipe.add_argument("--hidden", type=_hidden_widths, default=d.hidden,
                         help="hidden layer widths (default 256,128,64)")
     recipe.add_argument("--activation", choices=ACTIVATIONS, default=d.activation,
                         help="activation after each hidden layer (default %(default)s)")
-    recipe.add_argument("--dropout", type=_probability, default=d.dropout, help="dropout (default %(default)s)")
-    recipe.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay,
+    recipe.add_argument("--dropout", type=rule["dropout"], default=d.dropout, help="dropout (default %(default)s)")
+    recipe.add_argument("--weight-decay", type=rule["weight_decay"], default=d.weight_decay,
                         help="Adam weight decay (default %(default)s)")
-    recipe.add_argument("--label-smoothing", type=_probability, default=d.label_smoothing,
+    recipe.add_argument("--label-smoothing", type=rule["label_smoothing"], default=d.label_smoothing,
                         help="label smoothing of the training loss (default %(default)s)")
-    recipe.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
+    recipe.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                         help="learning-rate schedule over the epochs (default %(default)s)")
-    recipe.add_argument("--seed", type=_seed, default=d.seed, help="random seed (default %(default)s)")
-    _validation_argument(recipe, d.validation, 0, "none; the last checkpoint is the run's")
+    recipe.add_argument("--seed", type=rule["seed"], default=d.seed, help="random seed (default %(default)s)")
+    _validation_argument(recipe, d.validation, rule["validation"], "none; the last checkpoint is the run's")
     recipe.add_argument("--augment", type=_augmentations, default=d.augment, metavar="LIST",
                         help=f"augment each training batch: 'none' or any of {','.join(AUGMENTATIONS)} "
                              "(left-right flips, shifts of up to 2 pixels, a blanked rectangle; default none)")
-    recipe.add_argument("--early-stopping", type=_non_negative_int, default=d.early_stopping, metavar="N",
+    recipe.add_argument("--early-stopping", type=rule["early_stopping"], default=d.early_stopping, metavar="N",
                         help="stop once validation accuracy has not improved for N epochs; needs --validation "
                              "(default %(default)s: never)")
 
 
-def _validation_argument(p: argparse.ArgumentParser, default: int, minimum: int, meaning: str) -> None:
-    from fmnist.data import MAX_VALIDATION
-
-    p.add_argument("--validation", type=_checked(int, lambda v: minimum <= v <= MAX_VALIDATION,
-                                                 f"an integer from {minimum} to {MAX_VALIDATION:,}"),
-                   default=default, metavar="N",
+def _validation_argument(p: argparse.ArgumentParser, default: int, check, meaning: str) -> None:
+    p.add_argument("--validation", type=check, default=default, metavar="N",
                    help="hold out N training images (class-balanced, drawn from --seed) to report validation "
                         f"figures and choose the best checkpoint on (default %(default)s: {meaning})")
 
@@ -319,7 +318,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                         help="random search, or Optuna's model-based sampler (default %(default)s)")
     search.add_argument("--seed", type=_seed, default=d.seed,
                         help="seed of the search, the validation split and every trial (default %(default)s)")
-    _validation_argument(search, d.validation, 1, "a search always chooses on validation figures")
+    _validation_argument(search, d.validation,
+                         _checked(int, lambda v: 1 <= v <= MAX_VALIDATION, f"an integer from 1 to {MAX_VALIDATION:,}"),
+                         "a search always chooses on validation figures")
     search.add_argument("--confirm", type=_non_negative_int, default=d.confirm, metavar="N",
                         help="retrain the best recipe on the full training set with N seeds and report its "
                              "test accuracy, mean ± sd (default: no)")

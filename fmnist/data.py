@@ -24,7 +24,6 @@ SPLITS = {  # split -> (images file, labels file, number of images)
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
-MAX_VALIDATION = 30_000  # --validation: half the training set at most
 HOW_TO_GET = (
     "install it with 'apt-get install dataset-fashion-mnist', "
     "or pass --data-dir DIR (or set FMNIST_DATA_DIR) to a directory holding the four IDX files"

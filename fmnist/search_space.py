@@ -7,6 +7,7 @@ A space file is JSON: one entry per recipe option of ``fmnist train``, each a fi
     {"loguniform": [low, high]} the same on a log scale (learning rates)
     {"int": [low, high]}        a whole number from low to high, both included
 
+``augment`` takes the values of ``fmnist train --augment`` ("none", "flip,shift", ...).
 The network is ``depth`` hidden layers, the first ``width`` wide, each next one ``shrink`` times the
 one before (the tutorial's 256,128,64 is depth 3, width 256, shrink 0.5); ``--architecture`` fixes it
 instead. Only the file's form is checked here, before Ray starts; the values of each trial's recipe
@@ -23,6 +24,7 @@ from typing import Any
 from ray import tune
 
 from fmnist.errors import InputError
+from fmnist.run_configs import parse_augmentations
 
 DEFAULT_SPACE = Path(__file__).with_name("search_space.json")
 ARCHITECTURE_KEYS = ("depth", "width", "shrink")
@@ -67,6 +69,7 @@ def _check_entry(file: Path, key: str, value: Any) -> None:
     if not isinstance(value, dict):
         if not _is(value, kind):
             raise InputError(f"{where} must be a {kind.__name__} or a distribution, got {value!r}")
+        _check_value(where, key, value)
         return
     if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS[kind]:
         forms = " or ".join(f'{{"{d}": ...}}' for d in DISTRIBUTIONS[kind])
@@ -76,12 +79,23 @@ def _check_entry(file: Path, key: str, value: Any) -> None:
         if not isinstance(arguments, list) or not arguments or not all(_is(a, kind) for a in arguments):
             raise InputError(f"{where}: choice needs a non-empty list of {kind.__name__} values, "
                              f"got {json.dumps(arguments)}")
+        for argument in arguments:
+            _check_value(where, key, argument)
         return
     if (not isinstance(arguments, list) or len(arguments) != 2 or not all(_is(a, kind) for a in arguments)
             or arguments[0] > arguments[1] or (distribution == "loguniform" and arguments[0] <= 0)):
         positive = " above 0" if distribution == "loguniform" else ""
         raise InputError(f"{where}: {distribution} needs [low, high], {kind.__name__}s{positive} with low <= high, "
                          f"got {json.dumps(arguments)}")
+
+
+def _check_value(where: str, key: str, value: Any) -> None:
+    """Values whose form alone can be wrong: an augmentation list. (Numbers out of range fail their trial.)"""
+    if key == "augment":
+        try:
+            parse_augmentations(value)
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -122,6 +136,8 @@ def recipe(sample: dict[str, Any], architecture: tuple[int, ...] | None) -> dict
         depth, width, shrink = (sample.get("depth", 3), sample.get("width", 256), sample.get("shrink", 0.5))
         out["hidden"] = tuple(max(MIN_WIDTH, round(width * shrink ** i)) for i in range(depth))
     for key, value in sample.items():
-        if key not in ARCHITECTURE_KEYS:
+        if key == "augment":
+            out[key] = parse_augmentations(value)
+        elif key not in ARCHITECTURE_KEYS:
             out[key] = float(f"{value:.3g}") if isinstance(value, float) else value
     return out

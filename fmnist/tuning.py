@@ -38,7 +38,7 @@ from rich.console import Console
 from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
-from fmnist.run_configs import SearchConfig, TrainConfig
+from fmnist.run_configs import SearchConfig, TrainConfig, train_arguments
 from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.run_layout import RUN_CONFIG_FILE, read_history, stopped_early
 from fmnist.storage import StoragePath, check_run_name
@@ -84,30 +84,19 @@ class SearchResult:
 # ----------------------------------------------------------------------------- a trial
 
 
-def train_arguments(trial_recipe: dict, settings: TrialSettings) -> list[str]:
-    """The ``fmnist train`` options that train ``trial_recipe`` as the search's trials do."""
-    args = []
-    for key, value in trial_recipe.items():
-        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        args += ["--" + key.replace("_", "-"), text]
-    return [*args, "--epochs", str(settings.max_epochs), "--validation", str(settings.validation),
-            "--seed", str(settings.seed), "--num-workers", str(settings.workers_per_trial)]
-
-
 def trial_config(trial_recipe: dict, settings: TrialSettings, name: str) -> TrainConfig:
-    """The trial's TrainConfig, read by ``fmnist train``'s own parser: an impossible recipe is refused
-    as the command line would refuse it, and the reproducing command means the same run."""
-    from fmnist.cli import _train_config, parse_arguments
+    """The TrainConfig of a search's run ``name`` of ``trial_recipe``: InputError for an impossible
+    recipe, as `fmnist train` would refuse it, which fails that trial alone."""
+    return TrainConfig(**trial_recipe, epochs=settings.max_epochs, validation=settings.validation, seed=settings.seed,
+                       num_workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker,
+                       use_gpu=settings.use_gpu, storage_path=settings.search_dir, name=name,
+                       max_failures=settings.max_failures, mlflow=settings.mlflow)
 
-    args = ["train", *train_arguments(trial_recipe, settings), *_run_arguments(settings, name)]
-    return _train_config(parse_arguments(args))
 
-
-def _run_arguments(settings: TrialSettings, name: str) -> list[str]:
-    """The ``fmnist train`` options of where and how a search's run ``name`` runs and is tracked."""
-    return ["--storage-path", settings.search_dir, "--name", name, "--cpus-per-worker", str(settings.cpus_per_worker),
-            "--max-failures", str(settings.max_failures), "--use-gpu" if settings.use_gpu else "--no-gpu",
-            *(["--mlflow", settings.mlflow] if settings.mlflow is not None else [])]
+def train_command(config: TrainConfig, trial_recipe: dict) -> str:
+    """The `fmnist train` command that trains ``trial_recipe`` as the search's trial ``config`` did."""
+    fields = [*trial_recipe, "epochs", "validation", "seed", "num_workers"]
+    return "fmnist train " + shlex.join(train_arguments(config, fields))
 
 
 class _ReportToTune(TuneReportCallback):
@@ -350,7 +339,7 @@ def _report(config: SearchConfig, settings: TrialSettings, rows: list[TrialRow],
     if best is None:
         search_dir.write("best_config.json", json.dumps({"best": None, "reason": "every trial failed"}).encode())
         raise JobFailed(f"every trial failed; {search_dir.uri}/leaderboard.csv says why, one line each")
-    command = "fmnist train " + shlex.join(train_arguments(best.recipe, settings))
+    command = train_command(trial_config(best.recipe, settings, best.trial), best.recipe)
     summary = {"trial": best.trial, "run_dir": best.run_dir, "val_accuracy": best.val_accuracy,
                "best_epoch": best.best_epoch, "epochs": best.epochs, "status": best.status,
                "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in best.recipe.items()},
@@ -373,8 +362,6 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     """Retrain the best recipe on the whole training set (no validation split) with --confirm seeds;
     the final epoch's test accuracy of each: the honest figure of the recipe. With no held-out
     images there is nothing to stop early on: an --early-stopping recipe trains its whole budget."""
-    from fmnist.cli import _train_config, parse_arguments
-
     console.rule(f"Confirming the best recipe on the full training set with {config.confirm} seed(s)")
     # One run at a time: on your own machine each may use every core (threads leave the recipe as it is).
     cores = int(ray.cluster_resources().get("CPU", 1)) // settings.workers_per_trial if is_embedded() else 0
@@ -383,8 +370,7 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     for seed in range(config.seed, config.seed + config.confirm):
         name = f"confirm_seed{seed}"
         full_budget = {k: v for k, v in best.recipe.items() if k != "early_stopping"}
-        args = [*train_arguments(full_budget, replace(settings, seed=seed)), *_run_arguments(settings, name)]
-        run = _train_config(parse_arguments(["train", *args]))
+        run = trial_config(full_budget, replace(settings, seed=seed), name)
         # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
         run_dir = StoragePath.parse(settings.search_dir).child(name)
         history = read_history(run_dir)

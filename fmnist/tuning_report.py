@@ -12,8 +12,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fmnist.run_configs import augmentations_text
+
 RECIPE_COLUMNS = ("hidden", "activation", "lr", "batch_size", "dropout", "weight_decay", "label_smoothing",
-                  "schedule")
+                  "schedule", "augment", "early_stopping")
 LEADERBOARD_COLUMNS = ("rank", "trial", "status", "epochs", "val_accuracy", "best_epoch", *RECIPE_COLUMNS,
                        "run_dir", "error")
 SHOWN_TRIALS = 12  # rows of the live table: the running trials first, then the best
@@ -40,6 +42,7 @@ class TrialRow:
             "best_epoch": self.best_epoch or "", "run_dir": self.run_dir, "error": self.error,
             **{k: self.recipe.get(k, "") for k in RECIPE_COLUMNS},
             "hidden": ",".join(map(str, hidden)) if hidden else "",
+            "augment": augmentations_text(self.recipe["augment"]) if "augment" in self.recipe else "",
         }
 
 
@@ -67,6 +70,10 @@ def recipe_text(recipe: dict) -> str:
             parts.append(",".join(map(str, value)))
         elif key in ("activation", "schedule"):
             parts.append(str(value))
+        elif key == "augment":
+            parts.append(f"augment={augmentations_text(value)}")
+        elif key == "early_stopping":
+            parts.append(f"early_stopping={value}")
         else:
             parts.append(f"{ {'batch_size': 'batch', 'weight_decay': 'wd', 'label_smoothing': 'ls'}.get(key, key)}"
                          f"={value:g}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ import fmnist
 from fmnist.cli import main
 from fmnist.data import load_fashion_mnist
 from fmnist.model import normalize
-from fmnist.run_configs import TrainConfig, learning_rate
+from fmnist.cli import parse_arguments
+from fmnist.errors import InputError
+from fmnist.run_configs import TrainConfig, learning_rate, train_arguments
 from fmnist.training import train
 from fmnist.training_report import HISTORY_COLUMNS
 
@@ -193,3 +196,22 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, options, names):
     assert main(["train", "--storage-path", str(tmp_path), *options]) == 2
     assert names in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_turns_into_the_train_command_that_gives_it_back_and_refuses_what_the_command_line_refuses():
+    config = TrainConfig(
+        epochs=7, lr=0.00123, batch_size=300, hidden=(512, 16), activation="silu", dropout=0.35, weight_decay=1e-05,
+        label_smoothing=0.05, schedule="cosine", seed=42, validation=5000, augment=("flip", "erase"),
+        early_stopping=4, num_workers=3, use_gpu=False, cpus_per_worker=2, storage_path="s3://bucket/runs",
+        name="r1", resume=True, data_dir="/data", keep=5, max_failures=0, resource_timeout_s=12.5, verbose=True,
+        mlflow="")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    args = parse_arguments(["train", *train_arguments(config, fields)])
+    assert TrainConfig(**{f: getattr(args, f) for f in fields}) == config
+    assert train_arguments(TrainConfig(), ["augment", "use_gpu", "resume", "epochs"]) == ["--augment", "none"]
+
+    for field, value in [("lr", 0), ("dropout", 1.0), ("epochs", 2.5), ("hidden", ()), ("augment", ("rotate",)),
+                         ("activation", "tanh"), ("seed", -1), ("resource_timeout_s", float("nan"))]:
+        option = "--resource-timeout" if field == "resource_timeout_s" else "--" + field.replace("_", "-")
+        with pytest.raises(InputError, match=f"^{option}: expected"):
+            TrainConfig(**{field: value})

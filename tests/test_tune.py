@@ -16,7 +16,8 @@ from fmnist.cli import main
 
 from conftest import REPO, interrupt, one_error_line, short_ray_tmpdir, start, wait_until, worker_processes
 
-TINY_SPACE = {"depth": 1, "width": {"choice": [16, 32]}, "lr": {"loguniform": [1e-5, 0.005]}}
+TINY_SPACE = {"depth": 1, "width": {"choice": [16, 32]}, "lr": {"loguniform": [1e-5, 0.005]},
+              "augment": {"choice": ["none", "flip,shift"]}, "early_stopping": 2}
 SEARCH = ["--max-epochs", "3", "--grace-period", "1", "--workers-per-trial", "1", "--concurrency", "2",
           "--validation", "1000", "--no-gpu"]
 
@@ -187,6 +188,7 @@ def test_ctrl_c_then_resume_finishes_the_search_and_a_trial_with_an_impossible_r
     (json.dumps({"lr": {"loguniform": [0, 0.1]}}), [], "loguniform needs [low, high]"),
     (json.dumps({"activation": {"choice": []}}), [], "choice needs a non-empty list"),
     (json.dumps({"lr": 0.001, "dropout": {"choice": [0.2]}}), [], "has nothing to search"),
+    (json.dumps({"augment": {"choice": ["flip", "flip,rotate"]}}), [], "augment: expected 'none' or a comma-separated"),
     (json.dumps({"depth": {"int": [1, 3]}}), ["--architecture", "256,128,64"], "nothing to search (with the network"),
     (None, ["--trials", "0"], "--trials"),
     (None, ["--max-epochs", "1", "--grace-period", "2"], "below ASHA's grace period"),
