@@ -1,6 +1,7 @@
 """What each of the tutorial's techniques did in finished searches: their trials grouped by depth,
-width, activation, learning rate and label smoothing, compared at the grace period (the epoch every
-trial reached) and at their best epoch, and the epochs of the trials that ran their whole budget.
+width, activation, learning rate, label smoothing and augmentation, compared at the grace period
+(the epoch every trial reached) and at their best epoch; the epochs of the trials that ran their
+whole budget, and what early stopping (--early-stopping) cut.
 
     python bench/search_techniques.py /work/searchruns/fixed /work/searchruns/free
 
@@ -38,6 +39,7 @@ GROUPS = {  # technique: what a trial's group is, from its leaderboard row
     "activation": lambda r: r["activation"],
     "learning rate": lambda r: _lr_band(float(r["lr"])),
     "loss: label smoothing": lambda r: "none" if float(r["label_smoothing"]) == 0 else "0.05 .. 0.2",
+    "augmentation": lambda r: r["augment"],
 }
 
 
@@ -49,6 +51,9 @@ def _search(search_dir: Path) -> tuple[int, int, list[tuple[dict, list[float]]]]
         if row["status"] == "failed":
             continue
         history = _rows(Path(row["run_dir"]) / "history.csv")
+        recipe = json.loads((Path(row["run_dir"]) / "train_config.json").read_text())
+        row["augment"] = ",".join(recipe.get("augment", [])) or "none"  # leaderboards before issue 30 lack it
+        row["stopped_itself"] = history[-1].get("stopped_early") == "1"
         trials.append((row, [float(h["val_accuracy"]) for h in history]))
     return config["grace_period"], config["max_epochs"], trials
 
@@ -68,6 +73,10 @@ def _report(name: str, search_dir: Path) -> None:
             at_grace = [at for at, _ in figures]
             print(f"| {technique} | {group} | {len(figures)} | {100 * max(at_grace):.2f}% "
                   f"| {100 * statistics.median(at_grace):.2f}% | {100 * max(b for _, b in figures):.2f}% |")
+    stopped = [(row, val) for row, val in trials if row["stopped_itself"]]
+    if stopped:
+        print(f"\nearly stopping: {len(stopped)} of {len(trials)} trials stopped themselves, at epochs "
+              f"{', '.join(str(len(val)) for _, val in stopped)} of {budget}")
     rungs = sorted({e for e in (grace, 3 * grace, budget) if e <= budget})  # ASHA's first rungs and the end
     print(f"\nmore epochs: the trials that ran all {budget} (validation accuracy at epochs "
           f"{', '.join(map(str, rungs))}; best)")
