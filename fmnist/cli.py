@@ -17,7 +17,8 @@ from typing import NoReturn, Sequence
 
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import (
-    MAX_VALIDATION, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TRAIN_RULES, Rule,
+    AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, MAX_VALIDATION, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_INT,
+    POSITIVE_INT, SCHEDULES, SEED, TRAIN_RULES, Rule, SearchConfig, TrainConfig, parse_augmentations,
 )
 from fmnist.storage import is_uri
 
@@ -66,8 +67,6 @@ _fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1] like 0.
 
 
 def _augmentations(text: str) -> tuple[str, ...]:
-    from fmnist.run_configs import parse_augmentations
-
     try:
         return parse_augmentations(text)
     except ValueError as e:
@@ -110,7 +109,6 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from fmnist.model_config import ACTIVATIONS
-    from fmnist.run_configs import AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     rule = {field: _by(r) for field, r in TRAIN_RULES.items()}  # each option refuses what TrainConfig would
@@ -174,8 +172,6 @@ def _validation_argument(p: argparse.ArgumentParser, default: int, check, meanin
 
 
 def _train_config(args: argparse.Namespace):
-    from fmnist.run_configs import TrainConfig
-
     return _config_from_args(TrainConfig, args)
 
 
@@ -301,8 +297,6 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.run_configs import SearchConfig
-
     d = SearchConfig()
     search = p.add_argument_group("search")
     search.add_argument("--trials", type=_positive_int, default=d.trials, help="trials to run (default %(default)s)")
@@ -349,7 +343,6 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from fmnist.run_configs import SearchConfig
     from fmnist.tuning import run_search
 
     run_search(_config_from_args(SearchConfig, args))

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fmnist.augment import augment
 from fmnist.checkpoints import (
     METRICS_FILE, checkpoint_name, load_training_state, prune_checkpoints, save_checkpoint,
 )
-from fmnist.augment import augment
 from fmnist.model import Classifier, ModelConfig, normalize
 from fmnist.run_configs import learning_rate
 from fmnist.run_layout import STOPPED_EARLY_COLUMN

@@ -46,7 +46,8 @@ RECIPE_FIELDS = (
 # Where it ran; a resumed run keeps these too unless told otherwise, since other workers draw
 # other dropout masks (and other threads round differently).
 PLACEMENT_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker")
-NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0, "augment": [], "early_stopping": 0}  # what runs from before these options used
+# What runs from before these options used.
+NEWER_RECIPE_DEFAULTS = {"activation": "relu", "validation": 0, "augment": [], "early_stopping": 0}
 
 
 @dataclass
