@@ -107,3 +107,10 @@ def test_early_stopping_stops_when_validation_accuracy_stalls_says_so_and_a_resu
     assert main([*resume, "--epochs", "20"]) == 2
     assert "stopped early at epoch 3" in one_error_line(capsys)
     assert len(read_history(tmp_path / "r")) == 3
+
+
+def test_early_stopping_in_local_mode_stops_its_own_loop(ray_session, real_data_dir, tmp_path):
+    result = train(TrainConfig(epochs=6, lr=1e-12, hidden=(32,), validation=1000, early_stopping=1,
+                               storage_path=str(tmp_path), name="r", data_dir=str(real_data_dir)), local_mode=True)
+    assert [(row["epoch"], row["stopped_early"]) for row in result.history] == [(1, 0), (2, 1)]
+    assert [r["stopped_early"] for r in read_history(tmp_path / "r")] == ["0", "1"]
