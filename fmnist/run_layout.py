@@ -31,7 +31,7 @@ STOPPED_EARLY_COLUMN = "stopped_early"  # of history.csv in a run with --early-s
 def stopped_early(history: list[dict]) -> bool:
     """Whether a run's history (rows as read_history or the training loop give them) ends in an
     early stop: its last row says so (--early-stopping)."""
-    return bool(history) and str(history[-1].get(STOPPED_EARLY_COLUMN, "0")) in ("1", "True")
+    return bool(history) and str(history[-1].get(STOPPED_EARLY_COLUMN, 0)) == "1"
 
 
 def read_history(run_dir: StoragePath) -> list[dict[str, str]]:

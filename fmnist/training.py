@@ -103,7 +103,7 @@ def _pick_run_dir(config: TrainConfig) -> tuple[StoragePath, TrainConfig]:
     _note_changed_placement(config, saved)
     history = read_history(run_dir)
     done = len(history)
-    if history and stopped_early(history):
+    if stopped_early(history):
         raise InputError(f"--resume: {run_dir.uri} stopped early at epoch {done} (no better validation accuracy "
                          f"for {_count(saved['early_stopping'], 'epoch')}); its best checkpoint is the run's. Start "
                          "a new run to train on")

@@ -5,9 +5,9 @@ space, holding out the same validation images. On one's own machine a trial of o
 in local mode, in the trial's own process (no placement group of its own, so nothing is left
 behind when Tune stops it; training._fit_locally has the shim this needs) and reports each epoch
 to Tune itself; on a cluster it runs Ray Train's workers, and ``TuneReportCallback`` forwards each
-epoch's figures, as Ray's docs show. ASHA stops trials whose validation accuracy falls behind. Trials are chosen on validation accuracy
-alone; the test set is only for reported figures, and ``--confirm`` retrains the best recipe on the
-whole training set.
+epoch's figures, as Ray's docs show. ASHA stops trials whose validation accuracy falls behind.
+Trials are chosen on validation accuracy alone; the test set is only for reported figures, and
+``--confirm`` retrains the best recipe on the whole training set.
 
 The search directory ``<storage-path>/<name>/`` holds Tune's experiment state (its per-trial
 ``tune_<id>`` directories), each trial's run directory ``trial_<id>`` (history, checkpoints:
@@ -39,8 +39,8 @@ from fmnist.cluster import is_embedded, room_for, start_ray, wait_for_resources
 from fmnist.data import FashionMNIST, load_fashion_mnist
 from fmnist.errors import InputError, JobFailed
 from fmnist.run_configs import SearchConfig, TrainConfig, train_arguments
-from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.run_layout import RUN_CONFIG_FILE, read_history, stopped_early
+from fmnist.search_space import load_space, recipe, tune_space
 from fmnist.storage import StoragePath, check_run_name
 from fmnist.tracking import check_mlflow, prepare_mlflow
 from fmnist.training import train
@@ -366,10 +366,10 @@ def _confirm(config: SearchConfig, settings: TrialSettings, best: TrialRow, sear
     # One run at a time: on your own machine each may use every core (threads leave the recipe as it is).
     cores = int(ray.cluster_resources().get("CPU", 1)) // settings.workers_per_trial if is_embedded() else 0
     settings = replace(settings, validation=0, cpus_per_worker=max(settings.cpus_per_worker, cores))
+    full_budget = {k: v for k, v in best.recipe.items() if k != "early_stopping"}
     accuracies = []
     for seed in range(config.seed, config.seed + config.confirm):
         name = f"confirm_seed{seed}"
-        full_budget = {k: v for k, v in best.recipe.items() if k != "early_stopping"}
         run = trial_config(full_budget, replace(settings, seed=seed), name)
         # A resumed search continues the confirm runs it was interrupted in, and keeps finished ones.
         run_dir = StoragePath.parse(settings.search_dir).child(name)
