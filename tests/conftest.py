@@ -120,14 +120,18 @@ def ray_session(request):
     """Each ray.init costs seconds: every test that needs Ray shares this one.
 
     Only a session that runs tests on S3 starts the S3 server, before Ray: the workers get its
-    settings explicitly, as a cluster's nodes have theirs."""
+    settings explicitly, as a cluster's nodes have theirs. Serve's ingress is HAProxy, as for
+    `fmnist serve`."""
+    from fmnist.serving import haproxy_ingress
+
     on_s3 = any("s3_server" in item.fixturenames for item in request.session.items)
     storage_env = request.getfixturevalue("s3_server").env if on_s3 else {}
     if not ray.is_initialized():
         # More CPUs than cores: training workers, scoring actors and Ray Data tasks of a test
         # must all fit at once.
-        ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False,
-                 runtime_env={"env_vars": storage_env})
+        with haproxy_ingress():
+            ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False,
+                     runtime_env={"env_vars": storage_env})
     yield
     ray.shutdown()
 

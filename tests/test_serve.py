@@ -28,7 +28,7 @@ from ray import serve
 from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, short_ray_tmpdir, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app
+from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app, haproxy_ingress
 
 
 def free_port() -> int:
@@ -177,6 +177,14 @@ def test_health_page_and_routes(server):
     assert request(f"{server}/nowhere")[0] == 404
 
 
+def test_http_comes_in_through_haproxy(server):
+    # Serve's high-throughput ingress, as `fmnist serve` sets it up: about 6x the requests/s of
+    # Serve's Python proxy on 2 cores (bench/RESULTS.md), which a change of Ray could silently lose.
+    port = int(server.rsplit(":", 1)[1])
+    listeners = [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert [psutil.Process(pid).name() for pid in listeners] == ["haproxy"]
+
+
 class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe): no
     WebDriver or browser download, only Debian's chromium."""
@@ -275,6 +283,22 @@ def test_the_page_in_headless_chromium_shows_the_image_and_its_top_3_classes(ser
     assert screenshot.startswith(PNG_MAGIC) and Image.open(io.BytesIO(screenshot)).width == 800
 
 
+def test_the_haproxy_settings_last_only_as_long_as_the_ray_they_start(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the user's own
+    with haproxy_ingress() as why_not:
+        assert why_not is None
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    # After the block: gone, so another fmnist serve started from here picks its own ports.
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and "RAY_SERVE_HAPROXY_METRICS_PORT" not in os.environ
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # off, as the user said
+    with haproxy_ingress() as why_not:
+        assert why_not is None and "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
+
+
 def test_bad_command_lines_fail_in_one_line_before_ray_starts(checkpoint, tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "missing" in one_error_line(capsys)
@@ -310,6 +334,7 @@ def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
         wait_until(proc, answers, timeout_s=120, poll_s=0.5)
         time.sleep(2)  # for the command to see its replicas answer too (Serve polls their state), and say so
         ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert "haproxy" in [p.name() for p in ray_processes]  # its own, beside the test session's
         output = interrupt(proc, within_s=15)
         assert proc.returncode == 130, output
         _, left = psutil.wait_procs(ray_processes, timeout=15)

@@ -2,15 +2,18 @@
 
 CI runs it on the oldest Ray that pyproject admits, in a venv of its own (`pytest -m smoke`), and
 with the rest of the suite on the newest. Each command runs in a process of its own, with no
-RAY_ADDRESS: training in local mode, then on 2 workers (an embedded Ray), scoring, evaluating and a
-tiny search."""
+RAY_ADDRESS: training in local mode, then on 2 workers (an embedded Ray), scoring, evaluating, a
+tiny search, and serving."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -52,6 +55,41 @@ def test_a_tiny_search(real_data_dir, tmp_path):
     assert "reproduce it with" in done.stdout
     board = (tmp_path / "s" / "leaderboard.csv").read_text().splitlines()
     assert len(board) == 5, board
+
+
+def test_serve_answers_a_prediction_and_stops_on_ctrl_c(real_data_dir, tmp_path):
+    from PIL import Image
+
+    from conftest import interrupt, short_ray_tmpdir, start, wait_until
+    from fmnist.data import load_test_split
+
+    fmnist("train", "--epochs", "1", "--storage-path", str(tmp_path), "--name", "run", "--data-dir", str(real_data_dir))
+    images, labels = load_test_split(real_data_dir)
+    png = io.BytesIO()
+    Image.fromarray(images[0]).save(png, format="PNG")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    answers = []
+
+    def answered() -> bool:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=png.getvalue(),
+                                         headers={"Content-Type": "image/png"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                answers.append(json.loads(response.read()))
+                return True
+        except OSError:
+            return False
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with short_ray_tmpdir() as ray_tmpdir:
+        proc = start([sys.executable, "-m", "fmnist", "serve", "--checkpoint", str(tmp_path / "run"),
+                      "--port", str(port)], env={**env, "RAY_TMPDIR": ray_tmpdir})
+        wait_until(proc, answered, timeout_s=180, poll_s=0.5)
+        output = interrupt(proc, within_s=30)
+    assert proc.returncode == 130, output
+    assert answers[0]["label"] == labels[0] and len(answers[0]["probabilities"]) == 10, answers
 
 
 def test_the_ray_it_runs_on_is_one_pyproject_admits():
