@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib.metadata
 import json
 import logging
 import os
@@ -268,13 +269,14 @@ def haproxy_ingress() -> Iterator[str | None]:
     A setting already in the environment is the user's, and kept (RAY_SERVE_ENABLE_HA_PROXY=0: off)."""
     off = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0"  # the user's choice
     why_not = None if off else _why_no_haproxy()
+    stats_port, metrics_port = _free_ports(2)
     settings = {} if off or why_not else {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         # HAProxy's stats page and metrics, on ports that are free here rather than Ray's 8404 and 9101
         # for a cluster's node: HAProxy does not start where something else holds them.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
         # A stopping replica waits this long for load balancers to let go of it (Ray's default: 30 s).
         # On one machine the only one is our own HAProxy, which stops with it.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
@@ -315,19 +317,24 @@ def _haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Ports free on every interface (HAProxy binds these two on all of them, and a Ray process may
+    hold a port on one address only), and distinct: their sockets are open together."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _check_serve_reads_protobuf() -> None:
     """Serve's controller before Ray 2.57 reads deployments with FieldDescriptor.label, which protobuf
     7.34 removed (ray-project/ray#64362): on a Ray this process starts, say so before it fails."""
-    from google.protobuf import __version__ as protobuf_version
-    from google.protobuf.descriptor import FieldDescriptor
-
-    if _ray_version() < (2, 57) and not hasattr(FieldDescriptor, "label"):
+    protobuf_version = importlib.metadata.version("protobuf")
+    if _ray_version() < (2, 57) and tuple(int(part) for part in protobuf_version.split(".")[:2]) >= (7, 34):
         raise InputError(f"Ray {ray.__version__}'s Serve cannot deploy with protobuf {protobuf_version} "
                          "(ray-project/ray#64362, fixed in Ray 2.57); pip install 'protobuf<7.34', or a newer Ray")
 
