@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +34,26 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 def pyproject() -> dict:
     """The project's pyproject.toml."""
     return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None, content_type: str | None = None,
+            timeout_s: float = 30) -> tuple[int, dict | str, dict]:
+    """One HTTP request: the status, the body (JSON decoded where it is JSON) and the headers."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            status, data, headers = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        status, data, headers = e.code, e.read(), dict(e.headers)
+    is_json = headers.get("content-type", "").startswith("application/json")
+    return status, json.loads(data) if is_json else data.decode(), headers
 
 
 def one_error_line(capsys) -> str:

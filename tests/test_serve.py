@@ -13,8 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,30 +23,11 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, short_ray_tmpdir, start, wait_until
+from conftest import (PNG_MAGIC, REPO, free_port, interrupt, one_error_line, request, short_ray_tmpdir, start,
+                      wait_until)
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app, haproxy_ingress
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def request(url: str, body: bytes | None = None, content_type: str | None = None,
-            timeout_s: float = 30) -> tuple[int, dict | str, dict]:
-    """One HTTP request: the status, the body (JSON decoded where it is JSON) and the headers."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    req = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as response:
-            status, data, headers = response.status, response.read(), dict(response.headers)
-    except urllib.error.HTTPError as e:
-        status, data, headers = e.code, e.read(), dict(e.headers)
-    is_json = headers.get("content-type", "").startswith("application/json")
-    return status, json.loads(data) if is_json else data.decode(), headers
 
 
 def png(image: np.ndarray) -> bytes:
