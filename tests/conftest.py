@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -83,6 +84,18 @@ def wait_until(proc: subprocess.Popen, condition: Callable[[], object], timeout_
     while not condition():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(poll_s)
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout_s: float = 180) -> str:
+    """The output of ``proc`` (started by start()) up to the line holding ``text``, which it must print
+    within ``timeout_s`` seconds; the rest is still there for interrupt() or communicate()."""
+    fd, output, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout_s
+    while (at := output.find(text.encode())) < 0 or b"\n" not in output[at:]:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 1 << 16) if ready else b""
+        assert chunk, f"no line with {text!r} in {timeout_s} s, or it ended:\n{output.decode(errors='replace')}"
+        output += chunk
+    return output.decode(errors="replace")
 
 
 def interrupt(proc: subprocess.Popen, within_s: float = 60) -> str:

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from conftest import (PNG_MAGIC, REPO, free_port, interrupt, one_error_line, request, short_ray_tmpdir, start,
-                      wait_until)
+from conftest import (PNG_MAGIC, REPO, free_port, interrupt, one_error_line, read_until, request, short_ray_tmpdir,
+                      start)
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app, haproxy_ingress
@@ -302,22 +302,14 @@ def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
     with short_ray_tmpdir() as ray_tmpdir:
         proc = start([sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", checkpoint,
                       "--port", str(port)], env={**env, "RAY_TMPDIR": ray_tmpdir})
-
-        def answers() -> bool:
-            try:
-                return request(f"http://127.0.0.1:{port}/predict", images[0].read_bytes(), "image/png",
-                               timeout_s=5)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(proc, answers, timeout_s=120, poll_s=0.5)
-        time.sleep(2)  # for the command to see its replicas answer too (Serve polls their state), and say so
+        started = read_until(proc, "Ctrl-C to stop", timeout_s=120)  # what a script waits for
+        assert f"http://127.0.0.1:{port}/" in started
+        assert request(f"http://127.0.0.1:{port}/predict", images[0].read_bytes(), "image/png")[0] == 200
         ray_processes = psutil.Process(proc.pid).children(recursive=True)
         assert "haproxy" in [p.name() for p in ray_processes]  # its own, beside the test session's
         output = interrupt(proc, within_s=15)
         assert proc.returncode == 130, output
         _, left = psutil.wait_procs(ray_processes, timeout=15)
         assert not left, f"processes left running: {[p.name() for p in left]}"
-        assert f"http://127.0.0.1:{port}/" in output
         with pytest.raises(OSError):
             request(f"http://127.0.0.1:{port}/-/healthz", timeout_s=2)
