@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -35,7 +36,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from fmnist.checkpoints import load_numpy_checkpoint, resolve_checkpoint
 from fmnist.cluster import is_embedded, start_ray, wait_for_resources
-from fmnist.errors import InputError
+from fmnist.errors import InputError, JobFailed
 from fmnist.images import UnreadableImage, read_image
 from fmnist.model_config import IMAGE_PIXELS
 from fmnist.numpy_model import NumpyClassifier
@@ -233,8 +234,13 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
         wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, config.replicas, what,
                            "ask for fewer (--replicas)" + (" or leave out --use-gpu" if config.use_gpu else ""),
                            0 if is_embedded() else config.resource_timeout_s, console)
-        serve.start(http_options={"host": config.host, "port": config.port},
-                    logging_config={"enable_access_log": False})  # the proxy's line per request, as the replica's
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port},
+                        logging_config={"enable_access_log": False})  # the proxy's line per request, as the replica's
+        except ray.exceptions.RayTaskError as e:
+            if "HAProxy" not in str(e.cause):
+                raise
+            raise JobFailed(_haproxy_failure(str(e.cause))) from None
         deployed = True
         serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
         console.print(f"Serving {checkpoint} at "
@@ -315,6 +321,16 @@ def _haproxy_binary() -> str | None:
         return get_haproxy_binary()
     except (ImportError, OSError):
         return shutil.which("haproxy")
+
+
+def _haproxy_failure(message: str) -> str:
+    """One line for HAProxy failing to start, from Serve's error: HAProxy's first alert (a port in
+    use, say), else the error's first line."""
+    alert = re.search(r"\[ALERT\][^:]*: (.*)", message)
+    reason = alert[1] if alert else message.strip().splitlines()[0]
+    reason = re.sub(r"\[\S+\.cfg:\d+\] ", "", reason)  # the place in Ray's generated config: no help
+    return (f"HAProxy, Serve's HTTP ingress, did not start: {reason}; RAY_SERVE_ENABLE_HA_PROXY=0 where Ray "
+            "starts serves through Serve's Python proxy instead")
 
 
 def _free_ports(count: int) -> list[int]:

@@ -313,3 +313,25 @@ def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
         assert not left, f"processes left running: {[p.name() for p in left]}"
         with pytest.raises(OSError):
             request(f"http://127.0.0.1:{port}/-/healthz", timeout_s=2)
+
+
+@pytest.mark.slow
+def test_an_haproxy_that_cannot_start_fails_in_one_line_and_leaves_no_ray_running(checkpoint):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+    with socket.socket() as taken, short_ray_tmpdir() as ray_tmpdir:
+        taken.bind(("", 0))
+        taken.listen()
+        stats_port = taken.getsockname()[1]  # the user's RAY_SERVE_HAPROXY_STATS_PORT, in use
+        done = subprocess.run([sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", checkpoint,
+                               "--port", str(free_port())],
+                              env={**env, "RAY_TMPDIR": ray_tmpdir, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith("error: HAProxy, Serve's HTTP ingress, did not start: ")
+        assert "Address already in use" in line and f":{stats_port}]" in line
+        assert line.endswith("RAY_SERVE_ENABLE_HA_PROXY=0 where Ray starts serves through Serve's Python proxy instead")
+        time.sleep(2)
+        left = [p.info["name"] for p in psutil.process_iter(["name", "cmdline"])
+                if ray_tmpdir in " ".join(p.info["cmdline"] or [])]  # Ray's processes name their session dir
+        assert not left, f"processes left running: {left}"
