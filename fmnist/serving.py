@@ -20,7 +20,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -212,8 +214,8 @@ def app(args: dict[str, str]) -> Application:
 
 
 def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
-    """Serve ``config.checkpoint`` at http://host:port/ until Ctrl-C (KeyboardInterrupt), then stop
-    the application, and the embedded Ray if this call started one."""
+    """Serve ``config.checkpoint`` at http://host:port/ until Ctrl-C or SIGTERM (KeyboardInterrupt), then
+    stop the application, and the embedded Ray if this call started one."""
     console = console or Console()
     application, checkpoint = build_app(config.checkpoint, config.replicas, config.use_gpu)
     if not os.environ.get("RAY_ADDRESS"):
@@ -228,6 +230,10 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
             console.print(no_haproxy, style="dim", soft_wrap=True)
     if not config.verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines, which our one line replaces
+    # SIGTERM (kill, docker stop, systemd, `ray job stop`) stops it as Ctrl-C does. ray.init's handler
+    # would too (sys.exit), but Ray's native one prints a stack dump first.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main_thread else None
     deployed = False
     try:
         what = f"serving with {config.replicas} replica{'s' * (config.replicas > 1)}"
@@ -256,6 +262,8 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
             serve.delete(APP_NAME)
         if started_ray:
             ray.shutdown()
+        if previous_sigterm is not None:  # None: not ours to set (not the main thread, or not set from Python)
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 # ----------------------------------------------------------------------------- the HTTP ingress

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port, request
 
 pytestmark = pytest.mark.slow  # a real head node, and jobs submitted to it
 
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +38,10 @@ def head_node(tmp_path_factory):
         env.pop(name)
     # As a user does once per machine: the token that the head node and `ray job submit` share.
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard = _free_port()
+    dashboard = free_port()
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(_free_port()),
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
          "--num-cpus", "2", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -71,13 +64,15 @@ def head_node(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
 
 
-def _submit(head_node, *train_options: str, job_env: dict | None = None) -> tuple[int, str]:
-    """`ray job submit` of workflows/train.py with these options (and ``job_env`` in the job's runtime
-    environment); its exit status and output."""
+def _submit(head_node, *options: str, workflow: str = "train", job_env: dict | None = None,
+            submission_id: str | None = None) -> tuple[int, str]:
+    """`ray job submit` of workflows/<workflow>.py with these options (and ``job_env`` in the job's
+    runtime environment); its exit status and output. With ``submission_id``, it does not wait for the job."""
     address, env = head_node
     runtime_env = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
-    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), *runtime_env, "--",
-               "python", "workflows/train.py", *train_options]
+    detached = ["--no-wait", "--submission-id", submission_id] if submission_id else []
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), *runtime_env, *detached,
+               "--", "python", f"workflows/{workflow}.py", *options]
     for attempt in range(10):  # the job agent takes a few seconds more than the dashboard
         job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in job.stdout + job.stderr:
@@ -117,3 +112,33 @@ def test_a_job_on_s3_gets_its_storage_settings_from_the_runtime_env(head_node, s
     assert "testing-secret" not in output  # never a secret
     keys = s3_server.keys(bucket, "runs/job/")
     assert "runs/job/history.csv" in keys and any(k.endswith("/model.safetensors") for k in keys)
+
+
+def test_ray_job_stop_removes_the_served_application(head_node, trained_run):
+    address, env = head_node
+    port = free_port()
+    routes = f"http://127.0.0.1:{port}/-/routes"
+
+    def routes_are(expected: dict, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if request(routes, timeout_s=5)[1] == expected:
+                    return
+            except OSError:
+                pass  # Serve's proxy not up yet
+            assert time.monotonic() < deadline, f"{routes} never answered {expected}"
+            time.sleep(1)
+
+    code, output = _submit(head_node, "--checkpoint", str(trained_run.best_checkpoint), "--port", str(port),
+                           workflow="serve", submission_id="serve")
+    assert code == 0, output
+    routes_are({"/": "fmnist"}, timeout_s=180)
+    subprocess.run(["ray", "job", "stop", "--address", address, "serve"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    # ray job stop sends SIGTERM: the command removes its application, and Serve, which outlives any
+    # driver on a cluster, goes on with none.
+    routes_are({}, timeout_s=60)
+    logs = subprocess.run(["ray", "job", "logs", "--address", address, "serve"], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "Removing the application 'fmnist'" in logs and "SIGTERM received" not in logs, logs  # not Ray's stack dump
