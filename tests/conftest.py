@@ -57,6 +57,13 @@ def request(url: str, body: bytes | None = None, content_type: str | None = None
     return status, json.loads(data) if is_json else data.decode(), headers
 
 
+def local_env(ray_tmpdir: str | None = None, extra: dict | None = None) -> dict:
+    """A user's environment on their own machine: no RAY_ADDRESS (this suite's Ray is not theirs), and
+    ``ray_tmpdir`` as RAY_TMPDIR where given (see short_ray_tmpdir)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, **({"RAY_TMPDIR": ray_tmpdir} if ray_tmpdir else {}), **(extra or {})}
+
+
 def one_error_line(capsys) -> str:
     """What a refused command printed: exactly one 'error: ...' line on stderr, which it returns."""
     err = capsys.readouterr().err.strip().splitlines()

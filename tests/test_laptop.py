@@ -15,14 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, short_ray_tmpdir, worker_processes
+from conftest import REPO, local_env, short_ray_tmpdir, worker_processes
 
 
 def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if ray_tmpdir:
-        env["RAY_TMPDIR"] = ray_tmpdir  # where its Ray keeps its session: logs, one file per worker process
-        env["PYTHONPROFILEIMPORTTIME"] = "1"  # each process's imports, into its stderr log
+    # RAY_TMPDIR: where its Ray keeps its session (logs, one file per worker process), each process's
+    # imports (PYTHONPROFILEIMPORTTIME) into its stderr log.
+    env = local_env(ray_tmpdir, {"PYTHONPROFILEIMPORTTIME": "1"}) if ray_tmpdir else local_env()
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
 
 

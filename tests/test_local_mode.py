@@ -22,14 +22,8 @@ from mlflow.tracking import MlflowClient
 from fmnist.checkpoints import METRICS_FILE, MODEL_FILE, resolve_checkpoint
 from fmnist.storage import StoragePath
 
-from conftest import REPO, interrupt, short_ray_tmpdir, start, tensorboard_scalars, wait_until
+from conftest import REPO, interrupt, local_env, short_ray_tmpdir, start, tensorboard_scalars, wait_until
 from test_training import read_history
-
-
-def local_env(ray_tmpdir: str, extra: dict | None = None) -> dict:
-    """A user's environment on their own machine: no RAY_ADDRESS (this suite's Ray is not theirs)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, "RAY_TMPDIR": ray_tmpdir, **(extra or {})}
 
 
 def fmnist(*args: str, env: dict) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fmnist
-from conftest import REPO, one_error_line
+from conftest import REPO, local_env, one_error_line
 from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
 from fmnist.data import load_test_split
@@ -374,11 +374,10 @@ def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, test_s
     images, labels = test_set
     pq.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images[:3000].reshape(-1)), 784),
                              "label": labels[:3000]}), tmp_path / "input.parquet", row_group_size=1000)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run(
         [sys.executable, str(REPO / "workflows" / "score.py"), "--checkpoint", trained_run.run_dir,
          "--input", str(tmp_path / "input.parquet"), "--output", str(tmp_path / "predictions"), "--verbose"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=local_env(),
     )
     assert run.returncode == 0, run.stderr
     assert "TaskPoolMapOperator[Read_ParquetRowGroups->MapBatches(_score_on_cpu)->Write]" in run.stdout + run.stderr

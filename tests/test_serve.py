@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from conftest import (PNG_MAGIC, REPO, free_port, interrupt, one_error_line, read_until, request, short_ray_tmpdir,
-                      start)
+from conftest import (PNG_MAGIC, REPO, free_port, interrupt, local_env, one_error_line, read_until, request,
+                      short_ray_tmpdir, start)
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app, haproxy_ingress
@@ -288,9 +288,8 @@ def test_bad_command_lines_fail_in_one_line_before_ray_starts(checkpoint, tmp_pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         done = subprocess.run([sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", checkpoint,
-                               "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
+                               "--port", str(port)], env=local_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.splitlines() == [
         f"error: cannot serve on 127.0.0.1:{port} (Address already in use); pass another --port or --host"]
 
@@ -298,10 +297,9 @@ def test_bad_command_lines_fail_in_one_line_before_ray_starts(checkpoint, tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
     with short_ray_tmpdir() as ray_tmpdir:
         proc = start([sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", checkpoint,
-                      "--port", str(port)], env={**env, "RAY_TMPDIR": ray_tmpdir})
+                      "--port", str(port)], env=local_env(ray_tmpdir))  # its own embedded Ray
         started = read_until(proc, "Ctrl-C to stop", timeout_s=120)  # what a script waits for
         assert f"http://127.0.0.1:{port}/" in started
         assert request(f"http://127.0.0.1:{port}/predict", images[0].read_bytes(), "image/png")[0] == 200
@@ -317,14 +315,13 @@ def test_ctrl_c_stops_the_server_and_its_ray_within_seconds(checkpoint, images):
 
 @pytest.mark.slow
 def test_an_haproxy_that_cannot_start_fails_in_one_line_and_leaves_no_ray_running(checkpoint):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
     with socket.socket() as taken, short_ray_tmpdir() as ray_tmpdir:
         taken.bind(("", 0))
         taken.listen()
         stats_port = taken.getsockname()[1]  # the user's RAY_SERVE_HAPROXY_STATS_PORT, in use
         done = subprocess.run([sys.executable, str(REPO / "workflows" / "serve.py"), "--checkpoint", checkpoint,
                                "--port", str(free_port())],
-                              env={**env, "RAY_TMPDIR": ray_tmpdir, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)},
+                              env=local_env(ray_tmpdir, {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}),
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, done.stderr
         [line] = done.stderr.splitlines()

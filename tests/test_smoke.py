@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -17,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from conftest import free_port, interrupt, local_env, pyproject, request, short_ray_tmpdir, start, wait_until
+
 pytestmark = pytest.mark.smoke
 
 
 def fmnist(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "fmnist", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-m", "fmnist", *args], env=local_env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, f"fmnist {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -58,7 +58,6 @@ def test_a_tiny_search(real_data_dir, tmp_path):
 def test_serve_answers_a_prediction_and_stops_on_ctrl_c(real_data_dir, tmp_path):
     from PIL import Image
 
-    from conftest import free_port, interrupt, request, short_ray_tmpdir, start, wait_until
     from fmnist.data import load_test_split
 
     fmnist("train", "--epochs", "1", "--storage-path", str(tmp_path), "--name", "run", "--data-dir", str(real_data_dir))
@@ -75,10 +74,9 @@ def test_serve_answers_a_prediction_and_stops_on_ctrl_c(real_data_dir, tmp_path)
             return False
         return answers[-1][0] == 200  # before the application is up, the proxy answers 404
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with short_ray_tmpdir() as ray_tmpdir:
         proc = start([sys.executable, "-m", "fmnist", "serve", "--checkpoint", str(tmp_path / "run"),
-                      "--port", str(port)], env={**env, "RAY_TMPDIR": ray_tmpdir})
+                      "--port", str(port)], env=local_env(ray_tmpdir))
         wait_until(proc, answered, timeout_s=180, poll_s=0.5)
         output = interrupt(proc, within_s=30)
     assert proc.returncode == 130, output
@@ -89,8 +87,6 @@ def test_serve_answers_a_prediction_and_stops_on_ctrl_c(real_data_dir, tmp_path)
 def test_the_ray_it_runs_on_is_one_pyproject_admits():
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
-
-    from conftest import pyproject
 
     (ray_requirement,) = [Requirement(r) for r in pyproject()["project"]["dependencies"] if r.startswith("ray[")]
     assert ray.__version__ in SpecifierSet(str(ray_requirement.specifier)), ray.__version__
