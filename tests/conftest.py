@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pytest
 import ray
 
@@ -35,6 +36,31 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 def pyproject() -> dict:
     """The project's pyproject.toml."""
     return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+# Float32 holds about 7 significant digits. A forward pass adds up hundreds of products, and
+# another CPU or BLAS kernel (or another batch size) adds them in another order, so results differ
+# in their last bits, in proportion to the size of the values summed: compare relative to size,
+# with an absolute floor for values near 0 (the probabilities of unlikely classes). About 10x the
+# largest difference seen between machines (1.2e-6 on a probability).
+FLOAT32_RTOL, FLOAT32_ATOL = 1e-5, 2e-5
+
+
+def assert_float32_close(actual, expected) -> None:
+    """Float32 model outputs (probabilities, log-probabilities) equal up to rounding."""
+    np.testing.assert_allclose(actual, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL)
+
+
+def assert_same_classes(predicted, reference_log_probs) -> int:
+    """The classes ``predicted`` are the reference's, except at near-ties (top two log-probabilities
+    within float32 rounding), where another kernel may round the other way. Returns how many
+    images could flip so, for a caller comparing accuracies."""
+    reference_log_probs = np.asarray(reference_log_probs)
+    top_two = np.sort(reference_log_probs, axis=1)[:, -2:]
+    near_tie = top_two[:, 1] - top_two[:, 0] <= FLOAT32_ATOL + FLOAT32_RTOL * np.abs(top_two[:, 1])
+    differ = np.asarray(predicted) != reference_log_probs.argmax(axis=1)
+    assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} images classed otherwise"
+    return int(near_tie.sum())
 
 
 def free_port() -> int:
@@ -195,6 +221,21 @@ def trained_run(ray_session, real_data_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     return train(TrainConfig(epochs=1, num_workers=2, storage_path=str(storage), name="trained",
                              data_dir=str(real_data_dir), seed=0))
+
+
+@pytest.fixture(scope="session")
+def server(ray_session, trained_run) -> str:
+    """The application that `fmnist serve` runs, built as `serve run fmnist.serving:app checkpoint=C`
+    builds it, on the test session's Ray, serving trained_run's best checkpoint; its base URL."""
+    from ray import serve
+
+    from fmnist.serving import APP_NAME, app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"checkpoint": str(trained_run.best_checkpoint)}), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
 
 
 @pytest.fixture

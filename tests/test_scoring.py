@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fmnist
-from conftest import REPO, local_env, one_error_line
+from conftest import REPO, assert_float32_close, assert_same_classes, local_env, one_error_line
 from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
 from fmnist.data import load_test_split
@@ -84,16 +84,18 @@ def test_test_set_predictions_match_the_model_and_the_training_accuracy(
     assert predictions["label"].to_numpy().tolist() == labels.tolist()
     assert predictions["path"].null_count == 10_000
     prediction = predictions["prediction"].to_numpy()
-    assert (prediction == reference.argmax(axis=1)).all()
+    near_ties = assert_same_classes(prediction, reference)
     probs = probabilities(predictions)
-    np.testing.assert_allclose(probs, np.exp(reference), atol=1e-6)
-    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert_float32_close(probs, np.exp(reference))
+    assert_float32_close(probs.sum(axis=1), 1)
     assert (predictions["confidence"].to_numpy() == probs.max(axis=1)).all()
     assert predictions["predicted_class"].to_pylist() == [CLASS_NAMES[p] for p in prediction]
 
     accuracy = (prediction == labels).mean()
-    assert accuracy == pytest.approx(json.loads((checkpoint / METRICS_FILE).read_text())["test_accuracy"], abs=1e-12)
-    assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-12)
+    # Training measured it with torch; a near-tie may round the other way here.
+    assert accuracy == pytest.approx(json.loads((checkpoint / METRICS_FILE).read_text())["test_accuracy"],
+                                     abs=1e-12 + near_ties / 10_000)
+    assert accuracy == pytest.approx(trained_run.best_accuracy, abs=1e-12 + near_ties / 10_000)
     summary = capsys.readouterr().out
     assert "10,000 images" in summary and str(out) in summary
 
@@ -121,8 +123,8 @@ def test_image_folder_with_class_subfolders(ray_session, checkpoint, test_set, r
     rows = [paths.index(p) for p in expected]
     test_index = [i for i, _ in expected.values()]
     assert predictions["label"].take(rows).to_pylist() == [label for _, label in expected.values()]
-    assert (predictions["prediction"].to_numpy()[rows] == reference[test_index].argmax(axis=1)).all()
-    np.testing.assert_allclose(probabilities(predictions)[rows], np.exp(reference[test_index]), atol=1e-6)
+    assert_same_classes(predictions["prediction"].to_numpy()[rows], reference[test_index])
+    assert_float32_close(probabilities(predictions)[rows], np.exp(reference[test_index]))
 
 
 def test_numbered_class_folders_label_their_images_and_other_folders_are_named_once(
@@ -156,8 +158,8 @@ def test_a_single_image_file_is_one_row(ray_session, checkpoint, test_set, refer
     predictions = read_predictions(out)
     assert predictions.num_rows == 1
     assert predictions["path"].to_pylist() == [str(tmp_path / "one.png")] and predictions["label"][0].as_py() is None
-    assert predictions["prediction"][0].as_py() == reference[7].argmax()
-    np.testing.assert_allclose(probabilities(predictions)[0], np.exp(reference[7]), atol=1e-6)
+    assert_same_classes(predictions["prediction"].to_numpy(), reference[7:8])
+    assert_float32_close(probabilities(predictions)[0], np.exp(reference[7]))
 
 
 @pytest.mark.parametrize("encoding", ["pixels", "png"])
@@ -189,8 +191,8 @@ def test_parquet_input(ray_session, checkpoint, test_set, reference, tmp_path, e
     predictions = read_predictions(out)
     assert predictions["id"].to_pylist() == ids
     assert predictions["label"].to_pylist() == expected_labels
-    assert (predictions["prediction"].to_numpy() == reference[test_index].argmax(axis=1)).all()
-    np.testing.assert_allclose(probabilities(predictions), np.exp(reference[test_index]), atol=1e-6)
+    assert_same_classes(predictions["prediction"].to_numpy(), reference[test_index])
+    assert_float32_close(probabilities(predictions), np.exp(reference[test_index]))
 
 
 def _copy_checkpoint(checkpoint: Path, tmp_path: Path, file: str, content: bytes) -> Path:

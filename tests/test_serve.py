@@ -21,13 +21,12 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from ray import serve
 
-from conftest import (PNG_MAGIC, REPO, free_port, interrupt, local_env, one_error_line, read_until, request,
+from conftest import (PNG_MAGIC, REPO, assert_float32_close, free_port, interrupt, local_env, one_error_line, read_until, request,
                       short_ray_tmpdir, start)
 from fmnist.cli import main
 from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME, MAX_BODY_BYTES, MAX_IMAGES, app, haproxy_ingress
+from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, haproxy_ingress
 
 
 def png(image: np.ndarray) -> bytes:
@@ -39,18 +38,6 @@ def png(image: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def checkpoint(trained_run) -> str:
     return str(trained_run.best_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, checkpoint) -> str:
-    """The application that `fmnist serve` runs, built as `serve run fmnist.serving:app checkpoint=C`
-    builds it, on the test session's Ray; its base URL."""
-    port = free_port()
-    application = app({"checkpoint": checkpoint})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(application, name=APP_NAME, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()  # the session's Ray goes on for other modules' tests
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +78,7 @@ def test_predictions_equal_batch_scoring(server, checkpoint, images, tmp_path):
         for served, row in zip(got, scored):
             assert served["label"] == row["prediction"]
             assert served["class_name"] == row["predicted_class"]
-            np.testing.assert_allclose(served["probabilities"], row["probabilities"], atol=1e-6)
+            assert_float32_close(served["probabilities"], row["probabilities"])
             assert served["checkpoint"] == checkpoint
 
 
@@ -143,7 +130,7 @@ def test_concurrent_requests_are_answered_in_batches(server, images):
     assert all(status == 200 for status, _, _ in answers)
     for _, answer, _ in answers:  # a batch's matrix product may round in other last bits than one image's
         assert answer["label"] == alone["label"]
-        np.testing.assert_allclose(answer["probabilities"], alone["probabilities"], atol=1e-6)
+        assert_float32_close(answer["probabilities"], alone["probabilities"])
     batch_sizes = [int(headers["x-batch-size"]) for _, _, headers in answers]
     assert max(batch_sizes) > 1, batch_sizes
 
