@@ -39,7 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from fmnist.checkpoints import load_numpy_checkpoint, resolve_checkpoint
 from fmnist.cluster import is_embedded, start_ray, wait_for_resources
 from fmnist.errors import InputError, JobFailed
-from fmnist.images import UnreadableImage, read_image
+from fmnist.images import MAX_IMAGE_PIXELS, UnreadableImage, read_image
 from fmnist.model_config import IMAGE_PIXELS
 from fmnist.numpy_model import NumpyClassifier
 from fmnist.serving_page import page
@@ -47,6 +47,9 @@ from fmnist.serving_page import page
 APP_NAME = "fmnist"
 MAX_BODY_BYTES = 4 * 2**20  # larger bodies answer 413: ample for a PNG/JPEG of any sensible size
 MAX_IMAGES = 256  # images in one JSON request
+# Decoded pixels in one request, all its images together (each is within MAX_IMAGE_PIXELS too): one
+# request costs a replica at most about one largest image's decoding (0.2 s of a core here).
+MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
 # A batch holds the images waiting when the previous one ends, up to MAX_BATCH: under load they
 # gather while it runs, and a lone request waits for no company (a 2 ms wait cost it 3 ms, bench/RESULTS.md).
 MAX_BATCH = 64
