@@ -350,7 +350,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.serving import ServeConfig
+    from fmnist.serving import DEFAULT_MAX_REPLICAS, ServeConfig
 
     d = ServeConfig(checkpoint="")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
@@ -358,17 +358,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    default=d.port, help="HTTP port (default %(default)s)")
     p.add_argument("--host", default=d.host,
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--replicas", type=_positive_int, default=d.replicas, metavar="N",
-                   help="model replicas, one CPU (or GPU) each (default %(default)s)")
+    p.add_argument("--replicas", type=_replicas, default=d.replicas, metavar="N|auto",
+                   help="model replicas, one CPU (or GPU) each; auto: from 1 to --max-replicas, following the "
+                        "load (default %(default)s)")
+    p.add_argument("--max-replicas", type=_positive_int, default=d.max_replicas, metavar="N",
+                   help=f"with --replicas auto: at most N replicas (default {DEFAULT_MAX_REPLICAS})")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per replica, the torch model on it")
     _resource_timeout_argument(p, d.resource_timeout_s)
     p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
 
 
+def _replicas(text: str) -> int | str:
+    return "auto" if text == "auto" else _checked(int, lambda v: v >= 1, "a positive integer or 'auto'")(text)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from fmnist.serving import ServeConfig, serve_forever
 
-    serve_forever(_config_from_args(ServeConfig, args))  # returns only by Ctrl-C (KeyboardInterrupt)
+    # Returns at once after updating a running application; otherwise only by Ctrl-C (KeyboardInterrupt).
+    serve_forever(_config_from_args(ServeConfig, args))
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import importlib.metadata
 import json
 import logging
@@ -25,24 +24,30 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import PIL.Image
 import ray
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, metrics
 from rich.console import Console
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from fmnist.checkpoints import load_numpy_checkpoint, resolve_checkpoint
 from fmnist.cluster import is_embedded, start_ray, wait_for_resources
 from fmnist.errors import InputError, JobFailed
-from fmnist.images import MAX_IMAGE_PIXELS, UnreadableImage, read_image
+from fmnist.images import MAX_IMAGE_PIXELS, ImageTooLarge, UnreadableImage, decode_image, open_image
 from fmnist.model_config import IMAGE_PIXELS
 from fmnist.numpy_model import NumpyClassifier
 from fmnist.serving_page import page
+
+if TYPE_CHECKING:
+    import torch
 
 APP_NAME = "fmnist"
 MAX_BODY_BYTES = 4 * 2**20  # larger bodies answer 413: ample for a PNG/JPEG of any sensible size
@@ -55,6 +60,9 @@ MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
 MAX_BATCH = 64
 BATCH_WAIT_S = 0.0
 IMAGE_TYPES = ("image/png", "image/jpeg")
+# Threads a replica decodes requests in: a request decoding a large image takes one, and the others
+# go on with the small ones beside it.
+DECODE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,23 @@ class ServeConfig:
     checkpoint: str  # checkpoint directory, or run directory (its best checkpoint)
     port: int = 8000
     host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines
-    replicas: int = 1
+    replicas: int | str = 1  # a count, or "auto": Serve adds and removes replicas with the load
+    max_replicas: int | None = None  # with replicas="auto": at most this many (default DEFAULT_MAX_REPLICAS)
     use_gpu: bool = False  # one GPU per replica, the torch model on it
     resource_timeout_s: float = 60.0  # on a cluster: how long the replicas' CPUs/GPUs may take to appear
     verbose: bool = False
+
+    def __post_init__(self):
+        if self.replicas != "auto" and self.max_replicas is not None:
+            raise InputError("--max-replicas goes with --replicas auto")
+
+
+DEFAULT_MAX_REPLICAS = 4
+# --replicas auto: Serve's autoscaler keeps about this many requests in flight on each replica. A batch
+# gathers the requests waiting (MAX_BATCH), so a replica takes many at once; past 16 waiting, another helps.
+TARGET_ONGOING_REQUESTS = 16
+UPSCALE_DELAY_S = 5  # load held this long adds replicas (Serve's default: 30 s)
+DOWNSCALE_DELAY_S = 30  # quiet held this long removes them (Serve's default: 10 min)
 
 
 class BadRequest(Exception):
@@ -86,27 +107,44 @@ async def read_body(request: Request) -> bytes:
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:
+        raise BadRequest(400, "the client closed the connection before the end of the body") from None
     return bytes(body)
 
 
 def decode_request(body: bytes, content_type: str) -> tuple[list[np.ndarray], bool]:
     """A /predict body -> its (28, 28) uint8 images, by the code batch scoring reads images with;
-    and whether it was the JSON form ({"images": [base64, ...]}) rather than one PNG/JPEG."""
+    and whether it was the JSON form ({"images": [base64, ...]}) rather than one PNG/JPEG.
+    Every image's size is read from its header, and checked, before any is decoded."""
     kind = content_type.split(";")[0].strip().lower()
     if not body:
         raise BadRequest(400, "the body is empty; send a PNG/JPEG image, or JSON {\"images\": [base64, ...]}")
     if kind in IMAGE_TYPES:
-        return [_image(body, "the body")], False
+        return [_decode(_open(body, "the body"), "the body")], False
     if kind != "application/json":
         raise BadRequest(400, f"Content-Type {kind or '(none)'} is not one of image/png, image/jpeg, "
                               "application/json")
+    opened = [_open(data, f"images[{i}]") for i, data in enumerate(_json_images(body))]
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > MAX_REQUEST_PIXELS:
+        for image in opened:
+            image.close()
+        raise BadRequest(413, f"the images hold {pixels:,} pixels in all; the limit for one request is "
+                              f"{MAX_REQUEST_PIXELS:,}")
+    return [_decode(image, f"images[{i}]") for i, image in enumerate(opened)], True
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    """The base64-decoded entries of a JSON body's 'images' list."""
     try:
         encoded = json.loads(body)["images"]
-    except (ValueError, TypeError, KeyError):
+    # RecursionError: JSON nested thousands of levels deep. UnicodeDecodeError is a ValueError.
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         raise BadRequest(400, "the JSON body is not an object with a list 'images' of base64 strings") from None
     if not isinstance(encoded, list) or not encoded or not all(isinstance(e, str) for e in encoded):
         raise BadRequest(400, "'images' must be a non-empty list of base64 strings")
@@ -115,16 +153,24 @@ def decode_request(body: bytes, content_type: str) -> tuple[list[np.ndarray], bo
     images = []
     for i, text in enumerate(encoded):
         try:
-            data = base64.b64decode(text, validate=True)
-        except binascii.Error:
+            images.append(base64.b64decode(text, validate=True))
+        except ValueError:  # binascii.Error, and non-ASCII characters in the string
             raise BadRequest(400, f"images[{i}] is not valid base64") from None
-        images.append(_image(data, f"images[{i}]"))
-    return images, True
+    return images
 
 
-def _image(data: bytes, what: str) -> np.ndarray:
+def _open(data: bytes, what: str) -> PIL.Image.Image:
     try:
-        return read_image(data)
+        return open_image(data)
+    except ImageTooLarge as e:
+        raise BadRequest(413, f"{what} is {e}") from None
+    except UnreadableImage as e:
+        raise BadRequest(400, f"{what} is not a PNG/JPEG image ({e})") from None
+
+
+def _decode(image: PIL.Image.Image, what: str) -> np.ndarray:
+    try:
+        return decode_image(image)
     except UnreadableImage as e:
         raise BadRequest(400, f"{what} is not a PNG/JPEG image ({e})") from None
 
@@ -143,6 +189,35 @@ def error(status: int, message: str) -> JSONResponse:
 # ----------------------------------------------------------------------------- the deployment
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a replica answers with, swapped whole by an update: a request sees one model throughout."""
+
+    model: NumpyClassifier | torch.nn.Module
+    class_names: tuple[str, ...]
+    checkpoint: str  # its URI, in every answer
+    page: str
+
+
+class ServeMetrics:
+    """The replica's figures, in Ray's Prometheus metrics (ray_fmnist_*; Serve adds the application,
+    deployment and replica as tags)."""
+
+    def __init__(self):
+        self.requests = metrics.Counter("fmnist_requests", "HTTP requests answered, by route and status code",
+                                        tag_keys=("route", "status"))
+        self.latency_ms = metrics.Histogram(
+            "fmnist_request_latency_ms", "time from a request's arrival at the replica to its answer, in ms",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("route",))
+        self.batch_size = metrics.Histogram("fmnist_batch_size", "images in each forward pass of the model",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.images_decoded = metrics.Counter("fmnist_images_decoded", "images decoded from requests")
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        self.latency_ms.observe(1000 * seconds, tags={"route": route})
+
+
 @serve.deployment(
     name="Classifier",
     # Room on a replica for a full batch to gather (Serve's default of 5 would cap batches at 5).
@@ -153,64 +228,109 @@ def error(status: int, message: str) -> JSONResponse:
     logging_config={"enable_access_log": False},  # a log line written and flushed per request
 )
 class Classifier:
-    """A replica: the model, answering /predict a batch at a time, and the page at /."""
+    """A replica: the model of the checkpoint its user_config names, answering /predict a batch at a
+    time, and the page at /. A new user_config switches the model in place (reconfigure)."""
 
-    def __init__(self, model: NumpyClassifier, checkpoint: str, use_gpu: bool):
-        self.class_names = model.config.class_names
-        self.checkpoint = checkpoint
-        self.page = page(self.class_names)
-        if use_gpu:
-            from fmnist.model import Classifier as TorchClassifier
+    def __init__(self, use_gpu: bool):
+        self.use_gpu = use_gpu
+        self.served: ServedModel | None = None  # Serve calls reconfigure before the first request
+        # Decoding and the model run in threads, never on the event loop, so that the replica goes on
+        # answering while one request decodes a large image (Pillow and numpy release the GIL).
+        self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="fmnist-decode")
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="fmnist-model")
+        self.metrics = ServeMetrics()
 
-            self.model = TorchClassifier.from_numpy(model).to("cuda")
-        else:
-            self.model = model  # numpy on CPUs, as batch scoring: no torch in the replica
+    async def reconfigure(self, config: dict) -> None:
+        """Serve this checkpoint from now on (Serve calls it with the deployment's user_config)."""
+        self.served = await asyncio.get_running_loop().run_in_executor(
+            self.decoders, load_served_model, config["checkpoint"], self.use_gpu)
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
-        if path == "/" and request.method in ("GET", "HEAD"):
-            return HTMLResponse(self.page)
-        if path != "/predict":
-            return error(404, f"no route {path}; POST /predict, or GET / for the page")
+        started = time.perf_counter()
+        route = request.url.path.rstrip("/") or "/"
+        response = await self.answer(request, route)
+        self.metrics.record(route if route in ("/", "/predict") else "other", response.status_code,
+                            time.perf_counter() - started)
+        return response
+
+    async def answer(self, request: Request, route: str) -> Response:
+        served = self.served
+        if route == "/" and request.method in ("GET", "HEAD"):
+            return HTMLResponse(served.page)
+        if route != "/predict":
+            return error(404, f"no route {route}; POST /predict, or GET / for the page")
         if request.method != "POST":
             return error(405, "use POST /predict with a PNG/JPEG body or JSON {\"images\": [base64, ...]}")
         try:
-            images, many = decode_request(await read_body(request), request.headers.get("content-type", ""))
+            body = await read_body(request)
+            images, many = await asyncio.get_running_loop().run_in_executor(
+                self.decoders, decode_request, body, request.headers.get("content-type", ""))
         except BadRequest as e:
             return error(e.status, str(e))
+        self.metrics.images_decoded.inc(len(images))
         answers = await asyncio.gather(*(self.predict(image) for image in images))
-        batch_size = max(size for _, size in answers)
-        predictions = [prediction(log_probs, self.class_names, self.checkpoint) for log_probs, _ in answers]
+        predictions = [prediction(log_probs, model.class_names, model.checkpoint) for log_probs, _, model in answers]
         # X-Batch-Size: how many images the largest batch this request rode in held.
-        headers = {"X-Batch-Size": str(batch_size)}
+        headers = {"X-Batch-Size": str(max(size for _, size, _ in answers))}
         return JSONResponse({"predictions": predictions} if many else predictions[0], headers=headers)
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """(28, 28) images of concurrent requests -> each one's log-probabilities, and the batch's size."""
-        log_probs = self.model.log_probabilities(np.stack(images).reshape(-1, IMAGE_PIXELS))
-        return [(row, len(images)) for row in log_probs]
+    async def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int, ServedModel]]:
+        """(28, 28) images of concurrent requests -> each one's log-probabilities, the batch's size,
+        and the model that answered."""
+        served = self.served
+        pixels = np.stack(images).reshape(-1, IMAGE_PIXELS)
+        log_probs = await asyncio.get_running_loop().run_in_executor(
+            self.model_thread, served.model.log_probabilities, pixels)
+        self.metrics.batch_size.observe(len(images))
+        return [(row, len(images), served) for row in log_probs]
 
 
-def build_app(checkpoint: str, replicas: int = 1, use_gpu: bool = False) -> tuple[Application, str]:
-    """The Serve application of a checkpoint (or run directory), and the checkpoint's URI. The model is
-    loaded here, so that a bad one fails in one line before anything starts, and goes to the replicas
-    with their arguments: they need no access to its files."""
+def load_served_model(checkpoint: str, use_gpu: bool) -> ServedModel:
+    """The model of a checkpoint URI, as a replica answers with it: numpy on CPUs, as batch scoring
+    (no torch in the replica), or the torch model on the replica's GPU."""
     resolved = resolve_checkpoint(checkpoint)
     model = load_numpy_checkpoint(resolved)
-    resources = {"num_cpus": 1, "num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    deployment = Classifier.options(num_replicas=replicas, ray_actor_options=resources)
-    return deployment.bind(model, resolved.uri, use_gpu), resolved.uri
+    class_names = model.config.class_names
+    if use_gpu:
+        from fmnist.model import Classifier as TorchClassifier
+
+        model = TorchClassifier.from_numpy(model).to("cuda")
+    return ServedModel(model, class_names, resolved.uri, page(class_names, resolved.uri))
+
+
+def build_app(config: ServeConfig) -> tuple[Application, str]:
+    """The Serve application of ``config``, and its checkpoint's URI. The checkpoint is resolved and
+    loaded here, so that a bad one fails in one line before anything starts (or changes); the
+    replicas load it from its URI, given as their user_config: a new one updates them in place."""
+    resolved = resolve_checkpoint(config.checkpoint)
+    load_numpy_checkpoint(resolved)
+    resources = {"num_cpus": 1, "num_gpus": 1} if config.use_gpu else {"num_cpus": 1}
+    if config.replicas == "auto":
+        scaling = {"autoscaling_config": {
+            "min_replicas": 1, "max_replicas": config.max_replicas or DEFAULT_MAX_REPLICAS,
+            "target_ongoing_requests": TARGET_ONGOING_REQUESTS,
+            "upscale_delay_s": UPSCALE_DELAY_S, "downscale_delay_s": DOWNSCALE_DELAY_S}}
+    else:
+        scaling = {"num_replicas": config.replicas}
+    deployment = Classifier.options(ray_actor_options=resources, user_config={"checkpoint": resolved.uri},
+                                    **scaling)
+    return deployment.bind(config.use_gpu), resolved.uri
 
 
 def app(args: dict[str, str]) -> Application:
-    """The builder for ``serve run fmnist.serving:app checkpoint=C [replicas=N] [use_gpu=true]`` and
-    serve deploy configs (whose ``args`` are these)."""
-    unknown = set(args) - {"checkpoint", "replicas", "use_gpu"}
-    if unknown or "checkpoint" not in args:
-        raise ValueError(f"fmnist.serving:app takes checkpoint=C [replicas=N] [use_gpu=true|false], got {args}")
-    use_gpu = str(args.get("use_gpu", "false")).lower() in ("1", "true", "yes")
-    return build_app(str(args["checkpoint"]), int(args.get("replicas", 1)), use_gpu)[0]
+    """The builder for ``serve run fmnist.serving:app checkpoint=C [replicas=N|auto] [max_replicas=N]
+    [use_gpu=true]`` and serve deploy configs (whose ``args`` are these)."""
+    known = {"checkpoint", "replicas", "max_replicas", "use_gpu"}
+    if set(args) - known or "checkpoint" not in args:
+        raise ValueError("fmnist.serving:app takes checkpoint=C [replicas=N|auto] [max_replicas=N] "
+                         f"[use_gpu=true|false], got {args}")
+    replicas = str(args.get("replicas", 1))
+    max_replicas = args.get("max_replicas")
+    return build_app(ServeConfig(
+        checkpoint=str(args["checkpoint"]), replicas=replicas if replicas == "auto" else int(replicas),
+        max_replicas=None if max_replicas is None else int(max_replicas),
+        use_gpu=str(args.get("use_gpu", "false")).lower() in ("1", "true", "yes")))[0]
 
 
 # ----------------------------------------------------------------------------- fmnist serve
@@ -218,29 +338,37 @@ def app(args: dict[str, str]) -> Application:
 
 def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
     """Serve ``config.checkpoint`` at http://host:port/ until Ctrl-C or SIGTERM (KeyboardInterrupt), then
-    stop the application, and the embedded Ray if this call started one."""
+    stop the application, and the embedded Ray if this call started one. Where the Ray it joins
+    (RAY_ADDRESS) already serves an fmnist application, update that one in place instead, and return."""
     console = console or Console()
-    application, checkpoint = build_app(config.checkpoint, config.replicas, config.use_gpu)
-    if not os.environ.get("RAY_ADDRESS"):
-        _check_port_free(config.host, config.port)  # on one's own machine: a clear line, not a failing proxy
-        _check_serve_reads_protobuf()
+    application, checkpoint = build_app(config)
     if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         started_ray = start_ray(config.verbose)  # a cluster's ingress is set where its Ray starts (docs/serving.md)
     else:
+        _check_port_free(config.host, config.port)  # on one's own machine: a clear line, not a failing proxy
+        _check_serve_reads_protobuf()
         with haproxy_ingress() as no_haproxy:
             started_ray = start_ray(config.verbose)
         if no_haproxy:
             console.print(no_haproxy, style="dim", soft_wrap=True)
     if not config.verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's INFO lines, which our one line replaces
+    if APP_NAME in serve.status().applications:
+        try:
+            _update(application, checkpoint, console)
+        finally:
+            if started_ray:
+                ray.shutdown()
+        return
     # SIGTERM (kill, docker stop, systemd, `ray job stop`) stops it as Ctrl-C does. ray.init's handler
     # would too (sys.exit), but Ray's native one prints a stack dump first.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main_thread else None
     deployed = False
     try:
-        what = f"serving with {config.replicas} replica{'s' * (config.replicas > 1)}"
-        wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, config.replicas, what,
+        replicas = 1 if config.replicas == "auto" else config.replicas  # autoscaling starts from 1
+        what = f"serving with {replicas} replica{'s' * (replicas > 1)}"
+        wait_for_resources({"CPU": 1, "GPU": int(config.use_gpu)}, replicas, what,
                            "ask for fewer (--replicas)" + (" or leave out --use-gpu" if config.use_gpu else ""),
                            0 if is_embedded() else config.resource_timeout_s, console)
         try:
@@ -252,8 +380,10 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
             raise JobFailed(_haproxy_failure(str(e.cause))) from None
         deployed = True
         serve.run(application, name=APP_NAME, route_prefix="/")  # returns once the replicas are up
+        scaling = (f"; replicas follow the load, 1 to {config.max_replicas or DEFAULT_MAX_REPLICAS}"
+                   if config.replicas == "auto" else "")
         console.print(f"Serving {checkpoint} at "
-                      f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop)", soft_wrap=True)
+                      f"http://{config.host}:{config.port}/  (POST /predict; Ctrl-C to stop{scaling})", soft_wrap=True)
         console.file.flush()  # now, not at exit: a log collector or a script waits for this line
         while True:
             time.sleep(1)
@@ -267,6 +397,15 @@ def serve_forever(config: ServeConfig, console: Console | None = None) -> None:
             ray.shutdown()
         if previous_sigterm is not None:  # None: not ours to set (not the main thread, or not set from Python)
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _update(application: Application, checkpoint: str, console: Console) -> None:
+    """Switch the running fmnist application to ``application``'s checkpoint: the new user_config
+    reaches each replica's reconfigure, which swaps the model between two requests; none is refused.
+    Its HTTP address stays as it was started."""
+    console.print(f"Updating the running application {APP_NAME!r} to {checkpoint} ...")
+    serve.run(application, name=APP_NAME, route_prefix="/")  # returns once every replica serves it
+    console.print(f"Updated: {APP_NAME!r} serves {checkpoint}", soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- the HTTP ingress

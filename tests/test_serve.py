@@ -26,7 +26,9 @@ from conftest import (PNG_MAGIC, REPO, assert_float32_close, free_port, interrup
                       short_ray_tmpdir, start)
 from fmnist.cli import main
 from fmnist.data import load_test_split
+from fmnist.model_config import CLASS_NAMES
 from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, haproxy_ingress
+from fmnist.serving_page import SAMPLES, page
 
 
 def png(image: np.ndarray) -> bytes:
@@ -215,11 +217,30 @@ class Chromium:
         os.close(self._reader)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
+def bars_shown(browser: Chromium) -> list[dict]:
+    """The page's result bars: each row's label, class name, percent and bar width."""
+    return browser.evaluate("""[...document.querySelectorAll('#bars .row')].map(row => ({
+        label: +row.dataset.label, name: row.querySelector('.class').textContent,
+        percent: row.querySelector('.percent').textContent, width: row.querySelector('.fill').style.width}))""")
+
+
+def assert_bars_show(shown: list[dict], answer: dict) -> None:
+    """The bars are the answer's 3 most likely classes, most likely first, with its percents."""
+    assert [row["label"] for row in shown] == list(np.argsort(answer["probabilities"])[::-1][:3])
+    assert shown[0]["name"] == answer["class_name"]
+    for row in shown:
+        percent = f"{100 * answer['probabilities'][row['label']]:.1f}%"
+        assert row["percent"] == percent and row["width"] == percent
+
+
+@needs_chromium
 def test_the_page_in_headless_chromium_shows_the_image_and_its_top_3_classes(server, images, tmp_path):
     _, answer, _ = request(f"{server}/predict", images[0].read_bytes(), "image/png")
-    top3 = np.argsort(answer["probabilities"])[::-1][:3]
 
     browser = Chromium(tmp_path / "profile")
     try:
@@ -229,9 +250,7 @@ def test_the_page_in_headless_chromium_shows_the_image_and_its_top_3_classes(ser
         file_input = browser.send("DOM.querySelector", nodeId=document, selector="#file")["nodeId"]
         browser.send("DOM.setFileInputFiles", nodeId=file_input, files=[str(images[0])])  # as a user chooses it
         browser.wait_for("document.body.dataset.state === 'done'")
-        shown = browser.evaluate("""[...document.querySelectorAll('#bars .row')].map(row => ({
-            label: +row.dataset.label, name: row.querySelector('.class').textContent,
-            percent: row.querySelector('.percent').textContent, width: row.querySelector('.fill').style.width}))""")
+        shown = bars_shown(browser)
         preview = browser.evaluate("document.getElementById('preview').naturalWidth")
         error_shown = browser.evaluate("!document.getElementById('error').hidden")
         screenshot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
@@ -241,12 +260,55 @@ def test_the_page_in_headless_chromium_shows_the_image_and_its_top_3_classes(ser
 
     assert not error_shown
     assert preview == 28  # the image itself, shown
-    assert [row["label"] for row in shown] == list(top3)
-    assert shown[0]["name"] == answer["class_name"]
-    for row in shown:
-        percent = f"{100 * answer['probabilities'][row['label']]:.1f}%"
-        assert row["percent"] == percent and row["width"] == percent
+    assert_bars_show(shown, answer)
     assert screenshot.startswith(PNG_MAGIC) and Image.open(io.BytesIO(screenshot)).width == 800
+
+
+@needs_chromium
+def test_the_page_in_headless_chromium_classifies_a_sample_clicked(server, checkpoint, tmp_path):
+    label = 6  # Shirt
+    _, answer, _ = request(f"{server}/predict", base64.b64decode(SAMPLES[label]), "image/png")
+
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.send("Page.navigate", url=f"{server}/")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('samples')")
+        on_load = browser.evaluate("document.getElementById('checkpoint').textContent")
+        samples = browser.evaluate("""[...document.querySelectorAll('#samples button')].map(button => ({
+            label: +button.dataset.label, name: button.textContent, width: button.querySelector('img').naturalWidth}))""")
+        # A real click where the sample shows: it must be on screen in an 800x600 window.
+        box = browser.evaluate(f"""(({{x, y, width, height, bottom}}) => ({{x: x + width / 2, y: y + height / 2, bottom}}))(
+            document.querySelector('#samples button[data-label="{label}"]').getBoundingClientRect())""")
+        for kind in ("mousePressed", "mouseReleased"):
+            browser.send("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
+        browser.wait_for("document.body.dataset.state === 'done'")
+        shown = bars_shown(browser)
+        error_shown = browser.evaluate("!document.getElementById('error').hidden")
+        after = browser.evaluate("document.getElementById('checkpoint').textContent")
+        bottom = browser.evaluate("document.getElementById('checkpoint').getBoundingClientRect().bottom")
+        screenshot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+    finally:
+        browser.close()
+    (tmp_path / "page_samples.png").write_bytes(screenshot)
+
+    assert samples == [{"label": k, "name": name, "width": 28} for k, name in enumerate(CLASS_NAMES)]
+    assert box["bottom"] <= 600 and bottom <= 600  # all of it fits the window, with the result shown
+    assert not error_shown
+    assert_bars_show(shown, answer)
+    assert on_load == after == f"checkpoint: {checkpoint}"
+
+
+def test_the_samples_are_the_first_test_image_of_each_class_and_the_page_escapes_its_checkpoint(real_data_dir):
+    pixels, labels = load_test_split(real_data_dir)
+    assert len(SAMPLES) == 10
+    for label, sample in enumerate(SAMPLES):
+        image = Image.open(io.BytesIO(base64.b64decode(sample)))
+        assert image.format == "PNG" and image.mode == "L" and image.size == (28, 28)
+        np.testing.assert_array_equal(np.asarray(image), pixels[np.flatnonzero(labels == label)[0]])
+
+    shown = page(CLASS_NAMES, "s3://b/<script>alert(1)</script>")
+    assert "<script>alert(1)" not in shown
+    assert "checkpoint: s3://b/&lt;script&gt;alert(1)&lt;/script&gt;</p>" in shown
 
 
 def test_the_haproxy_settings_last_only_as_long_as_the_ray_they_start(monkeypatch):
