@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +33,15 @@ def open_image(source: str | Path | bytes) -> Image.Image:
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         image = Image.open(stream, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:  # past Pillow's own limit (179 Mpx): no size to show
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(f"{int(pixels[1]):,} pixels" if pixels else "more pixels") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes means unreadable
         raise _unreadable(e, stream) from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
-        raise ImageTooLarge(f"{width:,} x {height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
-                            f"({_side(MAX_IMAGE_PIXELS)} x {_side(MAX_IMAGE_PIXELS)})")
+        raise _too_large(f"{width:,} x {height:,} pixels")
     return image
 
 
@@ -69,6 +73,7 @@ def _unreadable(error: Exception, stream) -> UnreadableImage:
     return UnreadableImage(" ".join(message.split()) or type(error).__name__)
 
 
-def _side(pixels: int) -> int:
-    return int(pixels**0.5)
+def _too_large(size: str) -> ImageTooLarge:
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    return ImageTooLarge(f"{size}, over the limit of {MAX_IMAGE_PIXELS:,} ({side} x {side})")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -314,8 +315,15 @@ def build_app(config: ServeConfig) -> tuple[Application, str]:
     else:
         scaling = {"num_replicas": config.replicas}
     deployment = Classifier.options(ray_actor_options=resources, user_config={"checkpoint": resolved.uri},
-                                    **scaling)
+                                    **scaling, **_replacements_first())
     return deployment.bind(config.use_gpu), resolved.uri
+
+
+def _replacements_first() -> dict:
+    """Deployment options that keep old replicas serving until their replacements are up, where the
+    Ray has them (max_surge_percent, from Ray 2.60; before, Serve stops an old replica first)."""
+    has_surge = "max_surge_percent" in inspect.signature(serve.deployment).parameters
+    return {"max_surge_percent": 100} if has_surge else {}
 
 
 def app(args: dict[str, str]) -> Application:

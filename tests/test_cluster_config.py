@@ -118,3 +118,17 @@ def test_the_head_policy_covers_what_the_autoscaler_does(config):
             parameter = image_id.removeprefix("resolve:ssm:")
             assert allowed(policy, "ssm:GetParameters",
                            f"arn:aws:ssm:{config['provider']['region']}::parameter{parameter}"), image_id
+
+
+def test_every_node_starts_ray_as_rays_haproxy_guide_asks_and_exports_metrics(config):
+    # HAProxy on every node, reading its settings when Ray starts; HTTP on every interface, so that
+    # other nodes' HAProxy reaches the replicas; a fixed metrics port for Prometheus to scrape.
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        [start] = [c for c in commands if "ray start" in c]
+        words = shlex.split(start)
+        settings = dict(w.split("=", 1) for w in words[:words.index("ray")])
+        assert {k: settings.get(k) for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                                             "RAY_SERVE_DEFAULT_HTTP_HOST", "RAY_AUTH_MODE")} == {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DEFAULT_HTTP_HOST": "0.0.0.0", "RAY_AUTH_MODE": "token"}
+        assert "--metrics-export-port=8080" in words

@@ -22,6 +22,7 @@ from conftest import REPO, assert_float32_close, assert_same_classes, local_env,
 from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
 from fmnist.data import load_test_split
+from fmnist.images import MAX_IMAGE_PIXELS
 from fmnist.model import CLASS_NAMES, normalize
 
 SPEC_COLUMNS = [
@@ -280,11 +281,14 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint,
 def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
     folder = _folder_with_a_broken_image(tmp_path, test_set[0])
     (folder / "030_not_an_image.jpg").write_text("hello")
+    # 144 million pixels in 140 KB: refused from its header, past MAX_IMAGE_PIXELS, before decoding.
+    Image.new("L", (12_000, 12_000)).save(folder / "040_huge.png")
     out = tmp_path / "predictions"
     assert score("--checkpoint", checkpoint, "--input", folder, "--output", out, "--skip-bad") == 0
     assert read_predictions(out).num_rows == 40
-    printed = capsys.readouterr().out
-    assert "Skipped 2" in printed and "020_broken.png" in printed and "030_not_an_image.jpg" in printed
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Skipped 3" in printed and "020_broken.png" in printed and "030_not_an_image.jpg" in printed
+    assert "040_huge.png" in printed and f"12,000 x 12,000 pixels, over the limit of {MAX_IMAGE_PIXELS:,}" in printed
 
 
 def test_overwrite_never_deletes_the_input_the_checkpoint_or_the_current_directory(

@@ -3,9 +3,15 @@ metrics in Ray's Prometheus endpoint. Real HTTP against the session's real Serve
 
 from __future__ import annotations
 
+import ast
 import http.client
 import io
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -16,13 +22,18 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import ray
+import yaml
 from PIL import Image
 from ray import serve
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
-from conftest import one_error_line, request
+from conftest import REPO, free_port, local_env, one_error_line, request, short_ray_tmpdir
 from fmnist.cli import main
 from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME
+from fmnist.serving import APP_NAME, app, haproxy_ingress
+
+VENV_BIN = os.path.dirname(sys.executable)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -68,11 +79,7 @@ class Client(threading.Thread):
                 connection.close()
                 connection = http.client.HTTPConnection(self.address, timeout=30)
                 continue
-            checkpoint = None
-            if response.status == 200 and self.content_type == "image/png":
-                import json
-
-                checkpoint = json.loads(answer)["checkpoint"]
+            checkpoint = json.loads(answer)["checkpoint"] if response.status == 200 else None
             self.answers.append((response.status, checkpoint))
         connection.close()
 
@@ -197,3 +204,110 @@ def test_requests_latency_batches_and_images_show_in_rays_prometheus_metrics(ser
     batches, images = (metric(text, f"ray_fmnist_batch_size_{kind}") for kind in ("count", "sum"))
     assert images >= 40 and batches <= images
     assert metric(text, "ray_fmnist_batch_size_bucket", le="64.0") == batches
+
+
+def deploy_config(checkpoint: str, port: int, user_config: dict | None = None) -> dict:
+    """deploy/serve_config.yaml, serving ``checkpoint`` on 127.0.0.1:``port`` with fixed replicas."""
+    config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    [application] = config["applications"]
+    application["args"].update(checkpoint=checkpoint, replicas=1)
+    application["args"].pop("max_replicas")
+    if user_config:
+        application["deployments"] = [{"name": "Classifier", "user_config": user_config}]
+    return config
+
+
+def test_the_serve_deploy_config_is_valid_and_builds_the_application(trained_run):
+    config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # as serve deploy reads it
+    [application] = config["applications"]
+    assert application["import_path"] == "fmnist.serving:app"
+    args = {**application["args"], "checkpoint": str(trained_run.best_checkpoint)}
+    assert isinstance(app(args), Application)  # every argument it names is one the builder takes
+
+
+@pytest.fixture(scope="module")
+def serve_head():
+    """A head node as a user starts it for `serve deploy` (its dashboard takes the config), with
+    Serve's HAProxy ingress; the environment its commands run in, and its dashboard's address."""
+    with short_ray_tmpdir() as ray_tmpdir, haproxy_ingress():  # HAProxy's ports chosen free, as fmnist serve does
+        env = local_env(ray_tmpdir, {"RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+        port, dashboard = free_port(), free_port()
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
+             "--num-cpus", "2", "--disable-usage-stats"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, f"http://127.0.0.1:{dashboard}"
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+
+
+def serve_deploy(serve_head, config: dict, tmp_path: Path) -> None:
+    env, dashboard = serve_head
+    file = tmp_path / f"serve_config_{time.monotonic_ns()}.yaml"
+    file.write_text(yaml.safe_dump(config))
+    for _ in range(30):  # the head's dashboard takes a few seconds to come up
+        done = subprocess.run(["serve", "deploy", str(file), "--address", dashboard], env=env,
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            return
+        time.sleep(2)
+    raise AssertionError(done.stdout + done.stderr)
+
+
+def replica_names(serve_head) -> list[str]:
+    """The running replicas' actor names on the head node's Ray (a new replica has a new name)."""
+    env, _ = serve_head
+    listing = ("import ray; from ray.util import list_named_actors; ray.init(); "
+               "print(sorted(a['name'] for a in list_named_actors(all_namespaces=True) if 'Classifier' in a['name']))")
+    done = subprocess.run([sys.executable, "-c", listing], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_a_new_user_config_switches_the_running_replicas_in_place(
+        serve_head, trained_run, test_png, tmp_path):
+    original = str(trained_run.best_checkpoint)
+    new = tmp_path / "new_checkpoint"
+    shutil.copytree(original, new)
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    serve_deploy(serve_head, deploy_config(original, port), tmp_path)
+    try:
+        wait_for(lambda: request_or_none(server, test_png) == original, 180, "the deployed application")
+    except AssertionError:
+        status = subprocess.run(["serve", "status", "--address", serve_head[1]], env=serve_head[0],
+                                capture_output=True, text=True)
+        raise AssertionError(status.stdout + status.stderr) from None
+    replicas = replica_names(serve_head)
+
+    client = Client(server, test_png)
+    client.start()
+    try:
+        serve_deploy(serve_head, deploy_config(original, port, {"checkpoint": str(new)}), tmp_path)
+        wait_for(lambda: client.answers and client.answers[-1][1] == str(new), 120, "the new checkpoint")
+    finally:
+        client.stop.set()
+        client.join(30)
+    assert not client.errors and {status for status, _ in client.answers} == {200}
+    served = [checkpoint for _, checkpoint in client.answers]
+    switch = served.index(str(new))
+    assert set(served[:switch]) == {original} and set(served[switch:]) == {str(new)}
+    assert replica_names(serve_head) == replicas  # the same replicas: reconfigured, not restarted
+
+
+def request_or_none(server: str, body: bytes) -> str | None:
+    """The checkpoint that answers a PNG, or None while nothing answers."""
+    try:
+        status, answer, _ = request(f"{server}/predict", body, "image/png", timeout_s=5)
+    except OSError:
+        return None
+    return answer["checkpoint"] if status == 200 else None
