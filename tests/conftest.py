@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from fmnist.data import find_data_dir
 
@@ -61,6 +63,13 @@ def assert_same_classes(predicted, reference_log_probs) -> int:
     differ = np.asarray(predicted) != reference_log_probs.argmax(axis=1)
     assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} images classed otherwise"
     return int(near_tie.sum())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image as PNG file bytes."""
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
 
 
 def free_port() -> int:
@@ -150,6 +159,38 @@ def short_ray_tmpdir() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_head_node(env: dict, num_cpus: int = 2) -> Iterator[tuple[str, str]]:
+    """`ray start --head` as a user runs it, in ``env`` (which finds the `ray` command); its GCS
+    address and its dashboard's URL, once the dashboard answers. Stopped afterwards."""
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
+         "--num-cpus", str(num_cpus), "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError as e:
+                if "401" in str(e) or "403" in str(e):
+                    break  # up, and asking for the token
+                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+                time.sleep(1)
+        yield f"127.0.0.1:{port}", address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def worker_processes(ray_tmpdir: str) -> list[tuple[list[str], set[str]]]:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from conftest import REPO, free_port, request
+from conftest import REPO, free_port, ray_head_node, request
 
 pytestmark = pytest.mark.slow  # a real head node, and jobs submitted to it
 
@@ -38,30 +36,8 @@ def head_node(tmp_path_factory):
         env.pop(name)
     # As a user does once per machine: the token that the head node and `ray job submit` share.
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard = free_port()
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
-         "--num-cpus", "2", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError as e:
-            if "401" in str(e) or "403" in str(e):
-                break  # up, and asking for the token
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(1)
-    yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    with ray_head_node(env) as (_, address):
+        yield address, env
 
 
 def _submit(head_node, *options: str, workflow: str = "train", job_env: dict | None = None,

@@ -10,13 +10,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, start, wait_until
+from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, png_bytes, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model import CLASS_NAMES
@@ -33,12 +31,6 @@ def read_s3_predictions(s3, bucket: str, prefix: str) -> pa.Table:
 
 def manifest(s3, bucket: str, prefix: str) -> dict:
     return json.loads(s3.get(bucket, f"{prefix}/_SUCCESS"))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fmnist
-from conftest import REPO, assert_float32_close, assert_same_classes, local_env, one_error_line
+from conftest import REPO, png_bytes, assert_float32_close, assert_same_classes, local_env, one_error_line
 from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
 from fmnist.data import load_test_split
@@ -61,12 +61,6 @@ def read_predictions(directory: Path) -> pa.Table:
 
 def probabilities(predictions: pa.Table) -> np.ndarray:
     return np.stack(predictions["probabilities"].to_numpy(zero_copy_only=False))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_test_set_predictions_match_the_model_and_the_training_accuracy(

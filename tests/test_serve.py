@@ -22,19 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import (PNG_MAGIC, REPO, assert_float32_close, free_port, interrupt, local_env, one_error_line, read_until, request,
-                      short_ray_tmpdir, start)
+from conftest import (PNG_MAGIC, REPO, assert_float32_close, free_port, interrupt, local_env, one_error_line,
+                      png_bytes, read_until, request, short_ray_tmpdir, start)
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model_config import CLASS_NAMES
 from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, haproxy_ingress
 from fmnist.serving_page import SAMPLES, page
-
-
-def png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def images(real_data_dir, tmp_path_factory) -> list[Path]:
     paths = []
     for i in range(24):
         paths.append(folder / f"{i:02d}.png")
-        paths[-1].write_bytes(png(pixels[i]))
+        paths[-1].write_bytes(png_bytes(pixels[i]))
     paths.append(folder / "99_big_rgb.jpg")
     Image.fromarray(pixels[24]).convert("RGB").resize((70, 70)).save(paths[-1], quality=90)
     return paths

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import ast
 import http.client
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import REPO, free_port, local_env, one_error_line, request, short_ray_tmpdir
+from conftest import REPO, free_port, local_env, one_error_line, png_bytes, ray_head_node, request, short_ray_tmpdir
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.serving import APP_NAME, app, haproxy_ingress
@@ -36,16 +34,10 @@ from fmnist.serving import APP_NAME, app, haproxy_ingress
 VENV_BIN = os.path.dirname(sys.executable)
 
 
-def png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def test_png(real_data_dir) -> bytes:
     pixels, _ = load_test_split(real_data_dir)
-    return png(pixels[0])
+    return png_bytes(pixels[0])
 
 
 @pytest.fixture
@@ -147,7 +139,7 @@ def test_replicas_follow_the_load_up_and_back_down(server, original, real_data_d
     # Requests that keep a replica busy (a 1,000 x 1,000 image to decode each), from more clients
     # than one replica's target of requests in flight.
     pixels, _ = load_test_split(real_data_dir)
-    heavy = png(np.asarray(Image.fromarray(pixels[0]).resize((1000, 1000))))
+    heavy = png_bytes(np.asarray(Image.fromarray(pixels[0]).resize((1000, 1000))))
     clients = [Client(server, heavy) for _ in range(32)]
     for client in clients:
         client.start()
@@ -233,27 +225,15 @@ def serve_head():
     Serve's HAProxy ingress; the environment its commands run in, and its dashboard's address."""
     with short_ray_tmpdir() as ray_tmpdir, haproxy_ingress():  # HAProxy's ports chosen free, as fmnist serve does
         env = local_env(ray_tmpdir, {"RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
-        port, dashboard = free_port(), free_port()
-        head = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
-             "--num-cpus", "2", "--disable-usage-stats"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, f"http://127.0.0.1:{dashboard}"
-        finally:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
+        with ray_head_node(env) as (address, dashboard):
+            yield {**env, "RAY_ADDRESS": address}, dashboard
 
 
 def serve_deploy(serve_head, config: dict, tmp_path: Path) -> None:
     env, dashboard = serve_head
     file = tmp_path / f"serve_config_{time.monotonic_ns()}.yaml"
     file.write_text(yaml.safe_dump(config))
-    for _ in range(30):  # the head's dashboard takes a few seconds to come up
+    for _ in range(30):  # Serve's agent on the head takes a few seconds more than the dashboard
         done = subprocess.run(["serve", "deploy", str(file), "--address", dashboard], env=env,
                               capture_output=True, text=True, timeout=120)
         if done.returncode == 0:
