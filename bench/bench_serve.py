@@ -259,14 +259,15 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
 def hostile_requests() -> list[tuple[str, str, bytes]]:
     """The hostile client's requests, sent in turn: (what, Content-Type, body).
 
-    The costliest decoding the limits admit. Timed with decode_request in one thread (2026-12-07),
-    each for the most pixels one request may hold (MAX_REQUEST_PIXELS, 4096 x 4096):
-    8-bit grayscale noise, 0.19 s (finer noise does not fit MAX_BODY_BYTES); 8-bit RGBA zeros, 0.27 s
-    (convert to L on top); 16-bit RGBA zeros, 0.43 s (128 MB to inflate and unpack); the same with
-    the Paeth filter on every row, 0.78 s: the costliest (Adam7 interlacing added nothing measurable).
-    It is 0.2 MB on the wire. MAX_IMAGES of 256 x 256 in that form decode in about as long (0.85 s),
-    and take the other path through the replica too: 256 images into the model's batches beside the
-    honest ones, and 256 answers. Between them, the 12,000 x 12,000 PNG: a 413 from its header.
+    The costliest decoding the limits admit. decode_request, timed in one thread (2026-12-07, median
+    of 5), on MAX_REQUEST_PIXELS as one 4096 x 4096 image: 8-bit grayscale noise, 0.15 s (finer noise
+    does not fit MAX_BODY_BYTES); 8-bit RGBA zeros, 0.28 s (the conversion to L on top); 16-bit RGBA
+    zeros, 0.44 s (128 MB to inflate and unpack); the same with the Paeth filter on every row, 0.78 s:
+    the costliest, in 0.2 MB on the wire (Adam7 interlacing added 4%, not worth writing). MAX_IMAGES
+    images of 256 x 256 in that form decode in about as long (0.81 s), and take the other path through
+    the replica too: 256 images into the model's batches beside the honest ones, and 256 answers.
+    Before each, the 12,000 x 12,000 PNG: a 413 from its header (first, so that even a short phase
+    sends one).
     """
     from fmnist.images import MAX_IMAGE_PIXELS
     from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, MAX_REQUEST_PIXELS
@@ -276,9 +277,9 @@ def hostile_requests() -> list[tuple[str, str, bytes]]:
     large = png_of_zeros(side, side, 16, RGBA, PAETH)
     small = png_of_zeros(small_side, small_side, 16, RGBA, PAETH)
     bomb = (BOMB, "image/png", png_of_zeros(BOMB_SIDE, BOMB_SIDE, 1, GRAY, 0))
-    requests = [(f"1 x {side} x {side}", "application/json", images_json([large])), bomb,
-                (f"{MAX_IMAGES} x {small_side} x {small_side}", "application/json", images_json([small] * MAX_IMAGES)),
-                bomb]
+    requests = [bomb, (f"1 x {side} x {side}", "application/json", images_json([large])),
+                bomb, (f"{MAX_IMAGES} x {small_side} x {small_side}", "application/json",
+                       images_json([small] * MAX_IMAGES))]
     assert all(len(body) <= MAX_BODY_BYTES for _, _, body in requests)
     return requests
 
@@ -351,7 +352,7 @@ def hostile_mix(checkpoint: str, body: bytes, seconds: float, env: dict) -> None
         honest_b, hostile_b = hostile_phase("B (beside the hostile client)", proc, port, body, seconds, hostile)
     a = latency_row("A", f"{HONEST_CLIENTS} honest", honest_a, seconds)
     b = latency_row("B", f"{HONEST_CLIENTS} honest", honest_b, seconds)
-    kinds = dict.fromkeys(what for what, _, _ in hostile)  # in the order sent, once each
+    kinds = dict.fromkeys(what for what, _, _ in hostile_b)  # those sent (not all, in a short phase), in order
     hostile_rows = {what: latency_row("B", f"hostile: {what}", [r for r in hostile_b if r[0] == what], seconds)
                     for what in kinds}
     print(f"\nThe hostile mix: fmnist serve, 1 replica, HAProxy; {seconds:g} s per phase; the hostile client sent "

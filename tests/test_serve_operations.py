@@ -84,7 +84,7 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
     return value
 
 
-def test_a_new_checkpoint_replaces_the_model_in_place_and_no_request_fails(
+def test_a_new_checkpoint_replaces_the_model_without_downtime(
         server, original, test_png, tmp_path, capsys):
     new = tmp_path / "new_checkpoint"
     shutil.copytree(original, new)  # the same weights under another URI: the answers name it
