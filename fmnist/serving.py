@@ -54,7 +54,7 @@ APP_NAME = "fmnist"
 MAX_BODY_BYTES = 4 * 2**20  # larger bodies answer 413: ample for a PNG/JPEG of any sensible size
 MAX_IMAGES = 256  # images in one JSON request
 # Decoded pixels in one request, all its images together (each is within MAX_IMAGE_PIXELS too): one
-# request costs a replica at most about one largest image's decoding (0.2 s of a core here).
+# request costs a replica at most about one largest image's decoding (under 1 s of a core here).
 MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
 # A batch holds the images waiting when the previous one ends, up to MAX_BATCH: under load they
 # gather while it runs, and a lone request waits for no company (a 2 ms wait cost it 3 ms, bench/RESULTS.md).
