@@ -332,7 +332,8 @@ def load_served_model(checkpoint: str, use_gpu: bool) -> ServedModel:
 def build_app(config: ServeConfig) -> tuple[Application, str]:
     """The Serve application of ``config``, and its checkpoint's URI. The checkpoint is resolved and
     loaded here, so that a bad one fails in one line before anything starts (or changes); the
-    replicas load it from its URI, given as their user_config: a new one updates them in place."""
+    replicas load it from its URI, given as their user_config (which `serve deploy` can change in
+    place: reconfigure)."""
     resolved = resolve_checkpoint(config.checkpoint)
     load_numpy_checkpoint(resolved)
     resources = {"num_cpus": 1, "num_gpus": 1} if config.use_gpu else {"num_cpus": 1}
@@ -350,7 +351,8 @@ def build_app(config: ServeConfig) -> tuple[Application, str]:
 
 def _replacements_first() -> dict:
     """Deployment options that keep old replicas serving until their replacements are up, where the
-    Ray has them (max_surge_percent, from Ray 2.60; before, Serve stops an old replica first)."""
+    Ray has them (max_surge_percent: Ray 2.60 has it, 2.55 not; without it Serve stops an old
+    replica before it starts the new one)."""
     has_surge = "max_surge_percent" in inspect.signature(serve.deployment).parameters
     return {"max_surge_percent": 100} if has_surge else {}
 
