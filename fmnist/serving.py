@@ -1,6 +1,7 @@
 """Online predictions with Ray Serve: one image (or a few) per request, from the checkpoint batch scoring reads.
 
-    HTTP (HAProxy, or Serve's proxy)  ->  replica: the request's image(s) decoded by read_image, as batch scoring decodes
+    HTTP (HAProxy, or Serve's proxy)  ->  replica: the request's image(s) sized from their headers, then decoded
+        as batch scoring decodes (fmnist.images), large ones in a thread
         -> @serve.batch: images of concurrent requests stacked into one forward pass of the model
         -> JSON: label, class name, probabilities, checkpoint
 

@@ -35,7 +35,7 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
-def test_png(real_data_dir) -> bytes:
+def first_test_image_png(real_data_dir) -> bytes:
     pixels, _ = load_test_split(real_data_dir)
     return png_bytes(pixels[0])
 
@@ -85,10 +85,10 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
 
 
 def test_a_new_checkpoint_replaces_the_model_without_downtime(
-        server, original, test_png, tmp_path, capsys):
+        server, original, first_test_image_png, tmp_path, capsys):
     new = tmp_path / "new_checkpoint"
     shutil.copytree(original, new)  # the same weights under another URI: the answers name it
-    clients = [Client(server, test_png) for _ in range(4)]
+    clients = [Client(server, first_test_image_png) for _ in range(4)]
     for client in clients:
         client.start()
     try:
@@ -111,11 +111,11 @@ def test_a_new_checkpoint_replaces_the_model_without_downtime(
         switch = served.index(str(new))
         # Old, then new: never back.
         assert set(served[:switch]) == {original} and set(served[switch:]) == {str(new)}
-    assert request(f"{server}/predict", test_png, "image/png")[1]["checkpoint"] == str(new)
+    assert request(f"{server}/predict", first_test_image_png, "image/png")[1]["checkpoint"] == str(new)
     assert str(new) in request(f"{server}/")[1]  # the page names the checkpoint that answers
 
 
-def test_a_bad_new_checkpoint_is_refused_in_one_line_and_the_old_one_goes_on(server, original, test_png,
+def test_a_bad_new_checkpoint_is_refused_in_one_line_and_the_old_one_goes_on(server, original, first_test_image_png,
                                                                               tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(original, broken)
@@ -123,7 +123,7 @@ def test_a_bad_new_checkpoint_is_refused_in_one_line_and_the_old_one_goes_on(ser
     for bad in (tmp_path / "missing", broken):
         assert main(["serve", "--checkpoint", str(bad)]) == 2
         assert str(bad) in one_error_line(capsys)
-        status, answer, _ = request(f"{server}/predict", test_png, "image/png")
+        status, answer, _ = request(f"{server}/predict", first_test_image_png, "image/png")
         assert status == 200 and answer["checkpoint"] == original
 
 
@@ -171,10 +171,11 @@ def metric(text: str, name: str, **tags: str) -> float:
     return total
 
 
-def test_requests_latency_batches_and_images_show_in_rays_prometheus_metrics(server, test_png):
+def test_requests_latency_batches_and_images_show_in_rays_prometheus_metrics(server, first_test_image_png):
     before = prometheus_metrics()
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda _: request(f"{server}/predict", test_png, "image/png")[0], range(40)))
+        statuses = list(pool.map(lambda _: request(f"{server}/predict", first_test_image_png, "image/png")[0],
+                                 range(40)))
     assert statuses == [200] * 40
     assert request(f"{server}/predict", b"not an image", "image/png")[0] == 400
     assert request(f"{server}/nowhere")[0] == 404
@@ -254,7 +255,7 @@ def replica_names(serve_head) -> list[str]:
 
 @pytest.mark.slow
 def test_serve_deploy_of_a_new_user_config_switches_the_running_replicas_in_place(
-        serve_head, trained_run, test_png, tmp_path):
+        serve_head, trained_run, first_test_image_png, tmp_path):
     original = str(trained_run.best_checkpoint)
     new = tmp_path / "new_checkpoint"
     shutil.copytree(original, new)
@@ -262,14 +263,14 @@ def test_serve_deploy_of_a_new_user_config_switches_the_running_replicas_in_plac
     server = f"http://127.0.0.1:{port}"
     serve_deploy(serve_head, deploy_config(original, port), tmp_path)
     try:
-        wait_for(lambda: request_or_none(server, test_png) == original, 180, "the deployed application")
+        wait_for(lambda: request_or_none(server, first_test_image_png) == original, 180, "the deployed application")
     except AssertionError:
         status = subprocess.run(["serve", "status", "--address", serve_head[1]], env=serve_head[0],
                                 capture_output=True, text=True)
         raise AssertionError(status.stdout + status.stderr) from None
     replicas = replica_names(serve_head)
 
-    client = Client(server, test_png)
+    client = Client(server, first_test_image_png)
     client.start()
     try:
         serve_deploy(serve_head, deploy_config(original, port, {"checkpoint": str(new)}), tmp_path)
