@@ -5,9 +5,10 @@
         -> @serve.batch: images of concurrent requests stacked into one forward pass of the model
         -> JSON: label, class name, probabilities, checkpoint
 
-Routes: POST /predict, GET / (a page to try an image), and Serve's own GET /-/healthz.
-``fmnist serve`` runs it on an embedded Ray (or the cluster of RAY_ADDRESS) until Ctrl-C;
-``serve run fmnist.serving:app checkpoint=...`` and ``serve deploy`` use ``app`` below.
+Routes: POST /predict, GET / (a page to try an image), and Serve's own GET /-/healthz; each replica's
+figures go to Ray's Prometheus metrics (ServeMetrics). ``fmnist serve`` runs it on an embedded Ray
+(or the cluster of RAY_ADDRESS) until Ctrl-C, or updates the fmnist application that Ray already
+serves; ``serve run fmnist.serving:app checkpoint=...`` and ``serve deploy`` use ``app`` below.
 """
 
 from __future__ import annotations
