@@ -533,6 +533,7 @@ SLOW_CLIENTS = 2  # of each kind: headers a byte at a time, and headers at once 
 SLOW_BYTE_S = 0.05  # a slow client sends one byte this often
 
 
+@pytest.mark.slow  # 10 s of load
 def test_hostile_clients_do_not_hold_honest_ones_hostage(server, samples):
     host, port = address(server)
     png, label = samples["pngs"][0], int(samples["labels"][0])

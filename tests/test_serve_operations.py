@@ -115,8 +115,9 @@ def test_a_new_checkpoint_replaces_the_model_without_downtime(
     assert str(new) in request(f"{server}/")[1]  # the page names the checkpoint that answers
 
 
-def test_a_bad_new_checkpoint_is_refused_in_one_line_and_the_old_one_goes_on(server, original, first_test_image_png,
-                                                                              tmp_path, capsys):
+def test_a_bad_new_checkpoint_is_refused_in_one_line_and_the_old_one_goes_on(server, trained_run,
+                                                                              first_test_image_png, tmp_path, capsys):
+    original = str(trained_run.best_checkpoint)
     broken = tmp_path / "broken"
     shutil.copytree(original, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
