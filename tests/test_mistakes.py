@@ -67,7 +67,7 @@ def assert_tiles_are(png_file: Path, images: list[np.ndarray]) -> None:
 
 
 @pytest.fixture(scope="module")
-def test_set(real_data_dir):
+def fashion_test_set(real_data_dir):
     return load_test_split(real_data_dir)
 
 
@@ -75,8 +75,8 @@ def chosen(predictions: Path):
     return [m for _, mistakes in worst_mistakes(predictions, evaluate_predictions(predictions)) for m in mistakes]
 
 
-def test_test_set_mistakes_show_the_test_images_by_id(test_set, real_data_dir, tmp_path, capsys):
-    images, labels = test_set
+def test_test_set_mistakes_show_the_test_images_by_id(fashion_test_set, real_data_dir, tmp_path, capsys):
+    images, labels = fashion_test_set
     _, predicted = realistic_predictions(real_data_dir)
     predictions = write_scored(tmp_path / "p", np.arange(len(labels)), labels, predicted)
     out = tmp_path / "mistakes.png"
@@ -107,8 +107,8 @@ def _image_folder(root: Path, images, labels, count: int) -> list[str]:
     return paths
 
 
-def test_image_folder_mistakes_show_the_files(test_set, tmp_path, capsys):
-    images, labels = test_set
+def test_image_folder_mistakes_show_the_files(fashion_test_set, tmp_path, capsys):
+    images, labels = fashion_test_set
     root = tmp_path / "images"
     paths = _image_folder(root, images, labels, 60)
     index = [int(Path(p).stem) for p in paths]
@@ -123,8 +123,8 @@ def test_image_folder_mistakes_show_the_files(test_set, tmp_path, capsys):
         assert_tiles_are(out, [images[index[m.id]] for m in chosen(predictions)])
 
 
-def test_parquet_mistakes_show_the_inputs_image_column_by_id(test_set, tmp_path, capsys):
-    images, labels = test_set
+def test_parquet_mistakes_show_the_inputs_image_column_by_id(fashion_test_set, tmp_path, capsys):
+    images, labels = fashion_test_set
     rows = np.random.default_rng(1).permutation(200)
     ids = 5_000 + rows * 7  # ids that are not positions
     source = tmp_path / "input.parquet"

@@ -34,7 +34,7 @@ def manifest(s3, bucket: str, prefix: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def test_set(real_data_dir):
+def fashion_test_set(real_data_dir):
     return load_test_split(real_data_dir)
 
 
@@ -98,8 +98,8 @@ def test_test_set_scored_into_s3_and_evaluated_there_equals_the_local_job(
 
 
 def test_a_parquet_prefix_on_s3_scored_into_s3(ray_session, s3_server, bucket, trained_run, local_predictions,
-                                               test_set):
-    images, labels = test_set
+                                               fashion_test_set):
+    images, labels = fashion_test_set
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(images[:2000].reshape(-1)), 784)
     table = pa.table({"image": pixels, "label": labels[:2000]})
     for k in range(4):  # 4 files under nested prefixes; no id column: ids are positions in path order
@@ -117,8 +117,8 @@ def test_a_parquet_prefix_on_s3_scored_into_s3(ray_session, s3_server, bucket, t
 
 
 def test_an_image_prefix_with_class_subprefixes_on_s3_scored_into_s3(
-        ray_session, s3_server, bucket, trained_run, local_predictions, test_set):
-    images, labels = test_set
+        ray_session, s3_server, bucket, trained_run, local_predictions, fashion_test_set):
+    images, labels = fashion_test_set
     expected = {}  # uri -> (test index, label from its prefix or None)
     for i in range(24):
         folder = f"images/{CLASS_NAMES[labels[i]].replace('/', '_')}/" if i < 20 else "images/"

@@ -37,14 +37,14 @@ def checkpoint(trained_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_set(real_data_dir) -> tuple[np.ndarray, np.ndarray]:
+def fashion_test_set(real_data_dir) -> tuple[np.ndarray, np.ndarray]:
     return load_test_split(real_data_dir)
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint, test_set) -> np.ndarray:
+def reference(checkpoint, fashion_test_set) -> np.ndarray:
     """Log-probabilities of the test set from a plain in-process forward pass of the checkpoint."""
-    images, _ = test_set
+    images, _ = fashion_test_set
     model = fmnist.load_model(checkpoint)
     config = model.config
     with torch.no_grad():
@@ -64,7 +64,7 @@ def probabilities(predictions: pa.Table) -> np.ndarray:
 
 
 def test_test_set_predictions_match_the_model_and_the_training_accuracy(
-        ray_session, trained_run, checkpoint, test_set, reference, real_data_dir, tmp_path, capsys):
+        ray_session, trained_run, checkpoint, fashion_test_set, reference, real_data_dir, tmp_path, capsys):
     out = tmp_path / "predictions"
     # A run directory means its best checkpoint.
     assert score("--checkpoint", trained_run.run_dir, "--output", out, "--data-dir", real_data_dir,
@@ -74,7 +74,7 @@ def test_test_set_predictions_match_the_model_and_the_training_accuracy(
     assert [(f.name, f.type) for f in parquet_schema] == SPEC_COLUMNS
     assert parquet_schema.metadata[b"fmnist.checkpoint"] == str(checkpoint).encode()
     predictions = read_predictions(out)
-    _, labels = test_set
+    _, labels = fashion_test_set
     assert predictions["id"].to_pylist() == list(range(10_000))
     assert predictions["label"].to_numpy().tolist() == labels.tolist()
     assert predictions["path"].null_count == 10_000
@@ -95,8 +95,8 @@ def test_test_set_predictions_match_the_model_and_the_training_accuracy(
     assert "10,000 images" in summary and str(out) in summary
 
 
-def test_image_folder_with_class_subfolders(ray_session, checkpoint, test_set, reference, tmp_path):
-    images, labels = test_set
+def test_image_folder_with_class_subfolders(ray_session, checkpoint, fashion_test_set, reference, tmp_path):
+    images, labels = fashion_test_set
     folder = tmp_path / "images"
     expected = {}  # path -> (test index, label from its folder or None)
     for i in range(60):
@@ -123,8 +123,8 @@ def test_image_folder_with_class_subfolders(ray_session, checkpoint, test_set, r
 
 
 def test_numbered_class_folders_label_their_images_and_other_folders_are_named_once(
-        ray_session, checkpoint, test_set, tmp_path, capsys):
-    images, labels = test_set
+        ray_session, checkpoint, fashion_test_set, tmp_path, capsys):
+    images, labels = fashion_test_set
     folder = tmp_path / "images"
     expected = {}  # path -> label
     for i in range(30):
@@ -143,8 +143,8 @@ def test_numbered_class_folders_label_their_images_and_other_folders_are_named_o
     assert len(warnings) == 1 and "misc, train" in warnings[0] and "unlabelled" in warnings[0], warnings
 
 
-def test_a_single_image_file_is_one_row(ray_session, checkpoint, test_set, reference, tmp_path):
-    images, _ = test_set
+def test_a_single_image_file_is_one_row(ray_session, checkpoint, fashion_test_set, reference, tmp_path):
+    images, _ = fashion_test_set
     Image.fromarray(images[7]).save(tmp_path / "one.png")
 
     out = tmp_path / "predictions"
@@ -158,8 +158,8 @@ def test_a_single_image_file_is_one_row(ray_session, checkpoint, test_set, refer
 
 
 @pytest.mark.parametrize("encoding", ["pixels", "png"])
-def test_parquet_input(ray_session, checkpoint, test_set, reference, tmp_path, encoding):
-    images, labels = test_set
+def test_parquet_input(ray_session, checkpoint, fashion_test_set, reference, tmp_path, encoding):
+    images, labels = fashion_test_set
     source = tmp_path / "input"
     source.mkdir()
     if encoding == "pixels":
@@ -263,8 +263,8 @@ def _bad_input(case: str, tmp_path: Path, checkpoint: Path, images: np.ndarray) 
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint, test_set, tmp_path, capsys, case):
-    options, name = _bad_input(case, tmp_path, checkpoint, test_set[0])
+def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint, fashion_test_set, tmp_path, capsys, case):
+    options, name = _bad_input(case, tmp_path, checkpoint, fashion_test_set[0])
     out = tmp_path / "predictions"
     assert score(*options, "--output", out) == 2
     assert name in one_error_line(capsys)
@@ -272,8 +272,8 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(ray_session, checkpoint,
     assert not out.exists()
 
 
-def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
-    folder = _folder_with_a_broken_image(tmp_path, test_set[0])
+def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpoint, fashion_test_set, tmp_path, capsys):
+    folder = _folder_with_a_broken_image(tmp_path, fashion_test_set[0])
     (folder / "030_not_an_image.jpg").write_text("hello")
     # 144 million pixels in 140 KB: refused from its header, past MAX_IMAGE_PIXELS, before decoding.
     Image.new("L", (12_000, 12_000)).save(folder / "040_huge.png")
@@ -286,11 +286,11 @@ def test_skip_bad_scores_the_rest_and_lists_what_it_skipped(ray_session, checkpo
 
 
 def test_overwrite_never_deletes_the_input_the_checkpoint_or_the_current_directory(
-        checkpoint, test_set, tmp_path, monkeypatch, capsys):
+        checkpoint, fashion_test_set, tmp_path, monkeypatch, capsys):
     images, run, elsewhere = tmp_path / "images", tmp_path / "run", tmp_path / "elsewhere"
     images.mkdir()
     for i in range(3):
-        Image.fromarray(test_set[0][i]).save(images / f"{i}.png")
+        Image.fromarray(fashion_test_set[0][i]).save(images / f"{i}.png")
     shutil.copytree(checkpoint, run / "checkpoint_1")
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -309,8 +309,8 @@ def test_an_output_that_cannot_be_made_is_refused_before_any_work(checkpoint, tm
     assert os.listdir(tmp_path) == ["a_file"]
 
 
-def test_parquet_rows_without_a_usable_image_or_id_are_skipped(ray_session, checkpoint, test_set, tmp_path, capsys):
-    pixels = test_set[0][:2].reshape(2, -1).tolist()
+def test_parquet_rows_without_a_usable_image_or_id_are_skipped(ray_session, checkpoint, fashion_test_set, tmp_path, capsys):
+    pixels = fashion_test_set[0][:2].reshape(2, -1).tolist()
     table = pa.table({
         "id": pa.array([10, None, 12, 13, 14, 15], pa.int64()),
         "image": pa.array([pixels[0], pixels[1], pixels[0][:100], [None] * 784, None, pixels[1]], pa.list_(pa.uint8())),
@@ -327,14 +327,14 @@ def test_parquet_rows_without_a_usable_image_or_id_are_skipped(ray_session, chec
 
 
 def test_output_is_replaced_only_with_overwrite_and_only_by_a_whole_run(
-        ray_session, checkpoint, test_set, tmp_path, capsys):
+        ray_session, checkpoint, fashion_test_set, tmp_path, capsys):
     out = tmp_path / "predictions"
     out.mkdir()
     (out / "old.parquet").write_text("earlier predictions")
     good = tmp_path / "good"
     good.mkdir()
     for i in range(20):
-        Image.fromarray(test_set[0][i]).save(good / f"{i:02d}.png")
+        Image.fromarray(fashion_test_set[0][i]).save(good / f"{i:02d}.png")
 
     assert score("--checkpoint", checkpoint, "--input", good, "--output", out) == 2
     assert "--overwrite" in one_error_line(capsys)
@@ -368,10 +368,10 @@ def test_workflow_script_runs_on_its_own_ray(trained_run, real_data_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, test_set, tmp_path):
+def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, fashion_test_set, tmp_path):
     """On one's own Ray, the model runs in the read's and the write's Ray Data task (the plan Ray
     prints with --verbose): blocks never cross the object store, and no model actor is made."""
-    images, labels = test_set
+    images, labels = fashion_test_set
     pq.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images[:3000].reshape(-1)), 784),
                              "label": labels[:3000]}), tmp_path / "input.parquet", row_group_size=1000)
     run = subprocess.run(
