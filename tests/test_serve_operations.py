@@ -49,12 +49,12 @@ def original(server, trained_run) -> str:
 
 
 class Client(threading.Thread):
-    """A closed-loop client on its own keep-alive connection, POSTing ``body`` until stopped; it keeps
+    """A closed-loop client on its own keep-alive connection, POSTing the PNG ``body`` until stopped; it keeps
     every answer's status and checkpoint, and the errors of requests that got no answer."""
 
-    def __init__(self, server: str, body: bytes, content_type: str = "image/png"):
+    def __init__(self, server: str, body: bytes):
         super().__init__(daemon=True)
-        self.address, self.body, self.content_type = urlsplit(server).netloc, body, content_type
+        self.address, self.body = urlsplit(server).netloc, body
         self.answers: list[tuple[int, str | None]] = []
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -63,7 +63,7 @@ class Client(threading.Thread):
         connection = http.client.HTTPConnection(self.address, timeout=30)
         while not self.stop.is_set():
             try:
-                connection.request("POST", "/predict", self.body, {"Content-Type": self.content_type})
+                connection.request("POST", "/predict", self.body, {"Content-Type": "image/png"})
                 response = connection.getresponse()
                 answer = response.read()
             except (OSError, http.client.HTTPException) as e:
