@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, png_bytes, start, wait_until
+from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, png_bytes, request, start, wait_until
 from fmnist.cli import main
 from fmnist.data import load_test_split
 from fmnist.model import CLASS_NAMES
@@ -335,3 +336,19 @@ def test_score_refuses_predictions_without_their_manifest_as_input(trained_run, 
                  "--output", str(tmp_path / "again")]) == 2
     assert f"{partial} is incomplete (no _SUCCESS)" in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
+
+
+def test_serve_switches_to_a_checkpoint_on_s3_that_its_replicas_load(server, s3_server, bucket, trained_run,
+                                                                     fashion_test_set, monkeypatch):
+    # The replicas load the checkpoint from its URI themselves, with the storage settings Ray's workers have.
+    for file in Path(trained_run.best_checkpoint).iterdir():
+        s3_server.put(bucket, f"served/{file.name}", file.read_bytes())
+    for name, value in s3_server.env.items():  # the driver checks the checkpoint first, as a user's would
+        monkeypatch.setenv(name, value)
+    uri = f"s3://{bucket}/served"
+    try:
+        assert main(["serve", "--checkpoint", uri]) == 0
+        status, answer, _ = request(f"{server}/predict", png_bytes(fashion_test_set[0][0]), "image/png")
+        assert status == 200 and answer["checkpoint"] == uri
+    finally:
+        assert main(["serve", "--checkpoint", str(trained_run.best_checkpoint)]) == 0
