@@ -20,8 +20,8 @@ import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from fmnist.cli import _train_config, parse_arguments  # noqa: E402
-from fmnist.cluster import start_ray  # noqa: E402
-from fmnist.training import train  # noqa: E402
+from fmnist.core.cluster import start_ray  # noqa: E402
+from fmnist.train.trainer import train  # noqa: E402
 
 
 def main() -> None:

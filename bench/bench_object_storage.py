@@ -6,7 +6,7 @@ Input: the 10,000 test images repeated to --rows rows, one Parquet file with a r
 10,000 (bench_scoring's input), on local disk and as an object on a moto S3 server on
 127.0.0.1 (started in this process; its memory is not counted). Each job is
 ``workflows/score.py`` as a whole process, Python start to exit, and its peak memory the PSS of
-the process tree (see bench_scoring). Read tasks: those that score_inputs.open_input plans
+the process tree (see bench_scoring). Read tasks: those that fmnist.core.inputs.open_input plans
 (Ray Data runs one per ReadTask it is given); write tasks: Ray Data's own stats of the run
 (enable_auto_log_stats, which summarise the last operator only).
 """
@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_scoring import tree_pss, write_input  # noqa: E402
-from fmnist.checkpoints import save_checkpoint  # noqa: E402
-from fmnist.model import CLASS_NAMES, Classifier, ModelConfig  # noqa: E402
-from fmnist.score_inputs import open_input  # noqa: E402
+from fmnist.core.checkpoints import save_checkpoint  # noqa: E402
+from fmnist.core.inputs import open_input  # noqa: E402
+from fmnist.core.model import CLASS_NAMES, Classifier, ModelConfig  # noqa: E402
 
 # workflows/score.py, with Ray Data's stats summary logged (on the console: --verbose).
 SCORE = ("import sys, ray.data; ray.data.DataContext.get_current().enable_auto_log_stats = True; "

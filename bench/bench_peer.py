@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmnist.data import SPLITS, find_data_dir  # noqa: E402
+from fmnist.core.data import SPLITS, find_data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = """

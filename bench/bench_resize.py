@@ -20,9 +20,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmnist.checkpoints import load_model  # noqa: E402
-from fmnist.data import load_test_split  # noqa: E402
-from fmnist.model import normalize  # noqa: E402
+from fmnist.core.checkpoints import load_model  # noqa: E402
+from fmnist.core.data import load_test_split  # noqa: E402
+from fmnist.core.model import normalize  # noqa: E402
 
 FILTERS = {name.lower(): f for name, f in Image.Resampling.__members__.items()}
 UPSCALERS = ("nearest", "bilinear", "bicubic", "lanczos")

@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fmnist.checkpoints import load_model, load_numpy_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
-from fmnist.data import load_test_split  # noqa: E402
-from fmnist.model import Classifier, ModelConfig  # noqa: E402
-from fmnist.score_inputs import batch_pixels  # noqa: E402
-from fmnist.scoring import PREDICTIONS_SCHEMA, predictions_table  # noqa: E402
+from fmnist.core.checkpoints import load_model, load_numpy_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
+from fmnist.core.data import load_test_split  # noqa: E402
+from fmnist.core.inputs import batch_pixels  # noqa: E402
+from fmnist.core.model import Classifier, ModelConfig  # noqa: E402
+from fmnist.score.scoring import PREDICTIONS_SCHEMA, predictions_table  # noqa: E402
 
 
 def plain_job(checkpoint: str, source: str, output: str, batch_size: int, forward: str) -> None:

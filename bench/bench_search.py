@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmnist.cli import _config_from_args, parse_arguments  # noqa: E402
-from fmnist.run_configs import SearchConfig  # noqa: E402
-from fmnist.tuning import run_search  # noqa: E402
+from fmnist.core.configs import SearchConfig  # noqa: E402
+from fmnist.tune.search import run_search  # noqa: E402
 
 TUTORIAL_NETWORK = "256,128,64"
 TARGETS = {"fixed": 0.910, "free": 0.915}  # 3-seed mean final test accuracy issue 30 asks for (issue 15: 90.3%, 91.0%)

@@ -6,7 +6,7 @@
 A closed-loop client on 127.0.0.1: C clients, each on its own keep-alive connection, send single-image
 PNG POSTs to /predict back to back, --requests in all per level. The peer is what one would write
 by hand: one process of uvicorn + Starlette, the same decoding and numpy model per request (the
-functions fmnist.serving uses), no batching. Each server runs as its own process, started and
+functions fmnist.serve.requests holds), no batching. Each server runs as its own process, started and
 stopped here; the client shares the machine's cores with it. `fmnist serve` takes HTTP through
 HAProxy; --python-proxy N also measures N replicas behind Serve's Python proxy
 (RAY_SERVE_ENABLE_HA_PROXY=0), for comparison.
@@ -57,9 +57,9 @@ def peer(checkpoint: str, port: int) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from fmnist.checkpoints import load_numpy_checkpoint, resolve_checkpoint
-    from fmnist.model_config import IMAGE_PIXELS
-    from fmnist.serving import BadRequest, decode_request, error, prediction, read_body
+    from fmnist.core.checkpoints import load_numpy_checkpoint, resolve_checkpoint
+    from fmnist.core.model_config import IMAGE_PIXELS
+    from fmnist.serve.requests import BadRequest, decode_request, error, prediction, read_body
 
     resolved = resolve_checkpoint(checkpoint)
     model = load_numpy_checkpoint(resolved)
@@ -269,8 +269,8 @@ def hostile_requests() -> list[tuple[str, str, bytes]]:
     Before each, the 12,000 x 12,000 PNG: a 413 from its header (first, so that even a short phase
     sends one).
     """
-    from fmnist.images import MAX_IMAGE_PIXELS
-    from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, MAX_REQUEST_PIXELS
+    from fmnist.core.images import MAX_IMAGE_PIXELS
+    from fmnist.serve.requests import MAX_BODY_BYTES, MAX_IMAGES, MAX_REQUEST_PIXELS
 
     side = math.isqrt(min(MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS))
     small_side = math.isqrt(MAX_REQUEST_PIXELS // MAX_IMAGES)
@@ -406,7 +406,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from fmnist.data import load_test_split
+    from fmnist.core.data import load_test_split
 
     images, _ = load_test_split(None)
     out = io.BytesIO()

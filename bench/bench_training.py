@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from fmnist.data import find_data_dir, load_fashion_mnist  # noqa: E402
-from fmnist.model import Classifier, normalize  # noqa: E402
-from fmnist.run_configs import TrainConfig  # noqa: E402
-from fmnist.training import train  # noqa: E402
+from fmnist.core.configs import TrainConfig  # noqa: E402
+from fmnist.core.data import find_data_dir, load_fashion_mnist  # noqa: E402
+from fmnist.core.model import Classifier, normalize  # noqa: E402
+from fmnist.train.trainer import train  # noqa: E402
 
 TRAIN_SAMPLES = 60_000
 

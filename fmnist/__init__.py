@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fmnist.model_config import CLASS_NAMES
+from fmnist.core.model_config import CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "load_model"]
 try:
@@ -14,6 +14,6 @@ except PackageNotFoundError:  # a checkout that was never installed, e.g. a job'
 def __getattr__(name: str):
     # fmnist.load_model imports torch on first use: scoring workers import this package without it.
     if name == "load_model":
-        from fmnist.checkpoints import load_model
+        from fmnist.core.checkpoints import load_model
         return load_model
     raise AttributeError(f"module 'fmnist' has no attribute {name!r}")

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from fmnist.errors import InputError, JobFailed
-from fmnist.run_configs import (
+from fmnist.core.configs import (
     AUGMENTATIONS, CPU_WORKERS, DEFAULT_EPOCHS, MAX_VALIDATION, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_INT,
     POSITIVE_INT, SCHEDULES, SEED, TRAIN_RULES, Rule, SearchConfig, TrainConfig, parse_augmentations,
 )
-from fmnist.storage import is_uri
+from fmnist.core.errors import InputError, JobFailed
+from fmnist.core.storage import is_uri
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,10 +90,19 @@ def _output_file(text: str) -> str:
     return text
 
 
-def _resource_timeout_argument(p: argparse.ArgumentParser, default: float) -> None:
-    p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_by(NON_NEGATIVE), default=default,
-                   metavar="SECONDS",
+def _ray_arguments(p: argparse.ArgumentParser, resource_timeout_s: float) -> None:
+    """What every command that runs on Ray takes: how long to wait for a cluster's resources, and --verbose."""
+    p.add_argument("--resource-timeout", dest="resource_timeout_s", type=_by(NON_NEGATIVE),
+                   default=resource_timeout_s, metavar="SECONDS",
                    help="on a cluster, how long to wait for the CPUs/GPUs asked for to appear (default %(default)g)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+
+
+def _gpu_arguments(p: argparse._ArgumentGroup) -> None:
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", action="store_true", default=None,
+                     help="train on GPUs (default: when the cluster has GPUs)")
+    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
 
 
 def _mlflow_argument(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -108,7 +117,7 @@ def _config_from_args(config_class, args: argparse.Namespace):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.model_config import ACTIVATIONS
+    from fmnist.core.model_config import ACTIVATIONS
 
     d = TrainConfig()
     rule = {field: _by(r) for field, r in TRAIN_RULES.items()}  # each option refuses what TrainConfig would
@@ -118,10 +127,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--num-workers", type=rule["num_workers"], default=d.num_workers, metavar="W",
                      help=f"Ray Train workers, data parallel (default: 1 with every core on your own machine, "
                           f"{CPU_WORKERS} on a CPU cluster, one per GPU on GPUs)")
-    gpu = run.add_mutually_exclusive_group()
-    gpu.add_argument("--use-gpu", action="store_true", default=None,
-                     help="train on GPUs (default: when the cluster has GPUs)")
-    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
+    _gpu_arguments(run)
     run.add_argument("--cpus-per-worker", type=rule["cpus_per_worker"], default=None, metavar="N",
                      help="CPUs each worker reserves and uses as torch threads "
                           "(default: the cluster's CPUs shared among the workers, locally; 1 on a cluster)")
@@ -136,8 +142,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                           "and the latest (default %(default)s)")
     run.add_argument("--max-failures", type=rule["max_failures"], default=d.max_failures,
                      help="worker failures to recover from, from the last checkpoint (default %(default)s)")
-    _resource_timeout_argument(run, d.resource_timeout_s)
-    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    _ray_arguments(run, d.resource_timeout_s)
     _mlflow_argument(run, "also log the run to MLflow: recipe, every epoch's figures, best checkpoint, plots; "
                           "the default URI is $MLFLOW_TRACKING_URI, else MLflow's local default")
     recipe = p.add_argument_group("recipe (defaults are the tutorial's)")
@@ -176,14 +181,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from fmnist.training import train
+    from fmnist.train.trainer import train
 
     train(_train_config(args))
     return 0
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.scoring import ScoreConfig as d
+    from fmnist.score.scoring import ScoreConfig as d
 
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
     p.add_argument("--output", required=True,
@@ -201,12 +206,11 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
-    _resource_timeout_argument(p, d.resource_timeout_s)
-    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    _ray_arguments(p, d.resource_timeout_s)
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from fmnist.scoring import ScoreConfig, score
+    from fmnist.score.scoring import ScoreConfig, score
 
     score(_config_from_args(ScoreConfig, args))
     return 0
@@ -230,8 +234,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fmnist.evaluation import evaluate_predictions, write_json, write_report_file
-    from fmnist.evaluation_report import plot_confusion_matrix, print_report
+    from fmnist.evaluate.metrics import evaluate_predictions, write_json, write_report_file
+    from fmnist.evaluate.report import plot_confusion_matrix, print_report
 
     _check_report_files(args.predictions, {"--json": args.json, "--plot": args.plot, "--mistakes": args.mistakes})
     if args.images is not None and not args.mistakes:
@@ -240,7 +244,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     # Drawn before the report: a wrong --images is one error line, not a report and then an error.
     mistakes = None
     if args.mistakes:
-        from fmnist.mistakes import render_mistakes  # it reads images as scoring does, with Ray Data: 0.6 s of imports
+        from fmnist.evaluate.mistakes import render_mistakes  # matplotlib and the image readers: only for --mistakes
 
         mistakes = render_mistakes(args.predictions, evaluation, args.images, args.data_dir)
     console = Console()
@@ -305,7 +309,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     search.add_argument("--grace-period", type=_positive_int, default=d.grace_period,
                         help="epochs every trial trains before ASHA may stop it (default %(default)s)")
     search.add_argument("--space", default=None, metavar="FILE",
-                        help="search space, a JSON file like fmnist/search_space.json (default: that file)")
+                        help="search space, a JSON file like fmnist/tune/search_space.json (default: that file)")
     search.add_argument("--architecture", type=_hidden_widths, default=None, metavar="W,W",
                         help="fix the hidden widths (e.g. 256,128,64) and search the recipe only")
     search.add_argument("--search", choices=("random", "optuna"), default=d.search,
@@ -325,10 +329,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                      help="CPUs each worker reserves and uses as torch threads (default %(default)s)")
     run.add_argument("--concurrency", type=_positive_int, default=None, metavar="C",
                      help="trials at once (default: as many as the cluster holds)")
-    gpu = run.add_mutually_exclusive_group()
-    gpu.add_argument("--use-gpu", action="store_true", default=None,
-                     help="train on GPUs (default: when the cluster has GPUs)")
-    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="train on CPUs only")
+    _gpu_arguments(run)
     run.add_argument("--storage-path", default=d.storage_path,
                      help="where search directories go: a local/NFS path or s3://, gs:// (default %(default)s)")
     run.add_argument("--name", default=None, help="search directory name (default: tune-<date>-<time>)")
@@ -338,19 +339,18 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     run.add_argument("--max-failures", type=_non_negative_int, default=d.max_failures,
                      help="worker failures each trial recovers from, from its last checkpoint (default %(default)s)")
-    _resource_timeout_argument(run, d.resource_timeout_s)
-    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    _ray_arguments(run, d.resource_timeout_s)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from fmnist.tuning import run_search
+    from fmnist.tune.search import run_search
 
     run_search(_config_from_args(SearchConfig, args))
     return 0
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from fmnist.serving import DEFAULT_MAX_REPLICAS, ServeConfig
+    from fmnist.serve.app import DEFAULT_MAX_REPLICAS, ServeConfig
 
     d = ServeConfig(checkpoint="")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (its best)")
@@ -364,8 +364,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replicas", type=_positive_int, default=d.max_replicas, metavar="N",
                    help=f"with --replicas auto: at most N replicas (default {DEFAULT_MAX_REPLICAS})")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per replica, the torch model on it")
-    _resource_timeout_argument(p, d.resource_timeout_s)
-    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
+    _ray_arguments(p, d.resource_timeout_s)
 
 
 def _replicas(text: str) -> int | str:
@@ -373,7 +372,8 @@ def _replicas(text: str) -> int | str:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from fmnist.serving import ServeConfig, serve_forever
+    from fmnist.serve.app import ServeConfig
+    from fmnist.serve.command import serve_forever
 
     # Returns at once after updating a running application; otherwise only by Ctrl-C (KeyboardInterrupt).
     serve_forever(_config_from_args(ServeConfig, args))

@@ -5,16 +5,16 @@ from __future__ import annotations
 import ray
 from rich.console import Console
 
-from fmnist.cluster import start_ray
-from fmnist.evaluation import Evaluation, evaluate_predictions, write_json
-from fmnist.evaluation_report import plot_confusion_matrix, print_report
-from fmnist.mistakes import write_mistakes
-from fmnist.run_configs import TrainConfig
-from fmnist.run_layout import CONFUSION_MATRIX_FILE, MISTAKES_FILE, PREDICTIONS_DIR, REPORT_FILE
-from fmnist.scoring import ScoreConfig, score
-from fmnist.storage import StoragePath
-from fmnist.tracking import check_mlflow, log_evaluation
-from fmnist.training import runs_in_local_mode, train
+from fmnist.core.cluster import start_ray
+from fmnist.core.configs import TrainConfig
+from fmnist.core.run_layout import CONFUSION_MATRIX_FILE, MISTAKES_FILE, PREDICTIONS_DIR, REPORT_FILE
+from fmnist.core.storage import StoragePath
+from fmnist.core.tracking import check_mlflow, log_evaluation
+from fmnist.evaluate.metrics import Evaluation, evaluate_predictions, write_json
+from fmnist.evaluate.mistakes import write_mistakes
+from fmnist.evaluate.report import plot_confusion_matrix, print_report
+from fmnist.score.scoring import ScoreConfig, score
+from fmnist.train.trainer import runs_in_local_mode, train
 
 
 def run_pipeline(config: TrainConfig, console: Console | None = None) -> Evaluation:

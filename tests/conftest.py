@@ -24,7 +24,7 @@ import pytest
 import ray
 from PIL import Image
 
-from fmnist.data import find_data_dir
+from fmnist.core.data import find_data_dir
 
 try:
     import tomllib
@@ -233,7 +233,7 @@ def ray_session(request):
     Only a session that runs tests on S3 starts the S3 server, before Ray: the workers get its
     settings explicitly, as a cluster's nodes have theirs. Serve's ingress is HAProxy, as for
     `fmnist serve`."""
-    from fmnist.serving import haproxy_ingress
+    from fmnist.serve.haproxy import haproxy_ingress
 
     on_s3 = any("s3_server" in item.fixturenames for item in request.session.items)
     storage_env = request.getfixturevalue("s3_server").env if on_s3 else {}
@@ -256,8 +256,8 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(ray_session, real_data_dir, tmp_path_factory):
     """A real 1-epoch, 2-worker training on the real data; returns its TrainResult."""
-    from fmnist.run_configs import TrainConfig
-    from fmnist.training import train
+    from fmnist.core.configs import TrainConfig
+    from fmnist.train.trainer import train
 
     storage = tmp_path_factory.mktemp("runs")
     return train(TrainConfig(epochs=1, num_workers=2, storage_path=str(storage), name="trained",
@@ -266,11 +266,11 @@ def trained_run(ray_session, real_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(ray_session, trained_run) -> str:
-    """The application that `fmnist serve` runs, built as `serve run fmnist.serving:app checkpoint=C`
+    """The application that `fmnist serve` runs, built as `serve run fmnist.serve.app:app checkpoint=C`
     builds it, on the test session's Ray, serving trained_run's best checkpoint; its base URL."""
     from ray import serve
 
-    from fmnist.serving import APP_NAME, app
+    from fmnist.serve.app import APP_NAME, app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist.augment import MAX_SHIFT, augment
 from fmnist.cli import main
-from fmnist.data import load_fashion_mnist
-from fmnist.run_configs import TrainConfig, augmentations_text, parse_augmentations
-from fmnist.training import train
+from fmnist.core.configs import TrainConfig, augmentations_text, parse_augmentations
+from fmnist.core.data import load_fashion_mnist
+from fmnist.train.augment import MAX_SHIFT, augment
+from fmnist.train.trainer import train
 
 from conftest import one_error_line, tensorboard_scalars
 from test_training import read_history

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fmnist
-from fmnist.checkpoints import LEGACY_MODEL_FILE, MODEL_FILE, resolve_checkpoint, save_checkpoint
-from fmnist.errors import InputError
-from fmnist.model import Classifier, ModelConfig
+from fmnist.core.checkpoints import LEGACY_MODEL_FILE, MODEL_FILE, resolve_checkpoint, save_checkpoint
+from fmnist.core.errors import InputError
+from fmnist.core.model import Classifier, ModelConfig
 
 
 def _run_directory(directory: Path, validated: bool) -> Path:
@@ -82,8 +82,8 @@ def test_a_run_of_model_pt_checkpoints_from_before_safetensors_scores_the_same_a
     from safetensors.torch import load_file
 
     from fmnist.cli import main
-    from fmnist.run_configs import TrainConfig
-    from fmnist.training import train
+    from fmnist.core.configs import TrainConfig
+    from fmnist.train.trainer import train
 
     train(TrainConfig(epochs=1, hidden=(32,), storage_path=str(tmp_path), name="new", data_dir=str(real_data_dir)),
           local_mode=True)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fmnist.cli import main
-from fmnist.data import find_data_dir, load_fashion_mnist, read_idx
-from fmnist.errors import InputError
+from fmnist.core.data import find_data_dir, load_fashion_mnist, read_idx
+from fmnist.core.errors import InputError
 
 from conftest import one_error_line
 

@@ -17,12 +17,13 @@ from rich.console import Console
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.evaluation import CHECKPOINT_METADATA_KEY, evaluate_predictions
-from fmnist.evaluation_report import print_report
-from fmnist.model import CLASS_NAMES
-from fmnist.outputs import StagedOutput
-from fmnist.storage import StoragePath
+from fmnist.core.data import load_test_split
+from fmnist.core.model import CLASS_NAMES
+from fmnist.core.outputs import StagedOutput
+from fmnist.core.run_layout import CHECKPOINT_METADATA_KEY
+from fmnist.core.storage import StoragePath
+from fmnist.evaluate.metrics import evaluate_predictions
+from fmnist.evaluate.report import print_report
 
 from conftest import REPO, one_error_line
 

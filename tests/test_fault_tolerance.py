@@ -92,7 +92,7 @@ def test_a_killed_scoring_task_is_retried_and_every_row_written_once(trained_run
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fmnist.data import load_test_split
+    from fmnist.core.data import load_test_split
 
     images, labels = load_test_split(real_data_dir)
     repeats = 20  # 200,000 rows: long enough to kill a scoring task mid-job
@@ -107,7 +107,7 @@ def test_a_killed_scoring_task_is_retried_and_every_row_written_once(trained_run
                   "--batch-size", "1000"])
     wait_until(proc, lambda: children_running(proc.pid, "_score_on_cpu"))  # a Ray worker's title names its task
     tasks = children_running(proc.pid, "_score_on_cpu")
-    time.sleep(2)  # let it score some batches first
+    wait_until(proc, lambda: tasks[0].cpu_times().user >= 1.0)  # it has scored a while: batches are done
     tasks[0].send_signal(signal.SIGKILL)
     assert proc.poll() is None and not output.exists()  # the kill landed mid-job
     out, _ = proc.communicate(timeout=600)

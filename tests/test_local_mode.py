@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fmnist.checkpoints import METRICS_FILE, MODEL_FILE, resolve_checkpoint
-from fmnist.storage import StoragePath
+from fmnist.core.checkpoints import METRICS_FILE, MODEL_FILE, resolve_checkpoint
+from fmnist.core.storage import StoragePath
 
 from conftest import REPO, interrupt, local_env, short_ray_tmpdir, start, tensorboard_scalars, wait_until
 from test_training import read_history

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.evaluation import evaluate_predictions
-from fmnist.mistakes import PER_PAIR, worst_mistakes
-from fmnist.model import CLASS_NAMES
-from fmnist.scoring import PREDICTIONS_SCHEMA
+from fmnist.core.data import load_test_split
+from fmnist.core.model import CLASS_NAMES
+from fmnist.evaluate.metrics import evaluate_predictions
+from fmnist.evaluate.mistakes import PER_PAIR, worst_mistakes
+from fmnist.score.scoring import PREDICTIONS_SCHEMA
 
 from conftest import PNG_MAGIC, one_error_line
 from test_evaluation import committed, realistic_predictions

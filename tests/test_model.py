@@ -6,9 +6,9 @@ import torch
 
 from conftest import assert_float32_close, assert_same_classes
 from fmnist import CLASS_NAMES
-from fmnist.model import Classifier, ModelConfig, normalize
-from fmnist.model_config import ACTIVATIONS
-from fmnist.numpy_model import NumpyClassifier
+from fmnist.core.model import Classifier, ModelConfig, normalize
+from fmnist.core.model_config import ACTIVATIONS
+from fmnist.core.numpy_model import NumpyClassifier
 
 
 def test_default_architecture_is_the_tutorials():
@@ -58,7 +58,7 @@ def test_the_activation_is_an_option_and_old_configs_mean_relu():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_the_numpy_forward_pass_gives_the_torch_models_outputs(activation):
-    # CPU scoring runs the network in numpy (fmnist.numpy_model): same log-probabilities, same predictions.
+    # CPU scoring runs the network in numpy (fmnist.core.numpy_model): same log-probabilities, same predictions.
     torch.manual_seed(0)
     model = Classifier(ModelConfig(hidden=(64, 32), activation=activation, mean=0.3, std=0.4)).eval()
     with torch.no_grad():

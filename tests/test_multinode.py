@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from fmnist.data import load_test_split
+from fmnist.core.data import load_test_split
 
 pytestmark = pytest.mark.slow  # a three-node cluster in a process of its own
 
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     from ray.util.state import list_tasks
     sys.path.insert(0, {repo!r})
     from fmnist.cli import main
-    from fmnist.data import load_test_split
+    from fmnist.core.data import load_test_split
 
     storage, data_dir, bucket = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -86,19 +86,24 @@ SCRIPT = textwrap.dedent("""
     # On the driver's node (True) for the local paths; on the worker nodes (False) for S3, where
     # Ray fuses reading, scoring and writing into one task. Scoring alone, of local files, runs
     # where the CPUs are: the worker nodes (the head has none).
-    time.sleep(2)  # task records reach the state API a moment after their tasks
     head = cluster.head_node.node_id
-    normal_tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
-    file_tasks = {{(t.name, t.node_id == head) for t in normal_tasks
-                  if t.name.startswith(("Read", "Write", "MapBatches")) and t.node_id is not None}}
+    scored = "MapBatches(_score_on_cpu)"
+    expected = {{
+        ("Read_ParquetRowGroups", True), ("MapBatches(_decode_image_files)", True), ("Write", True), (scored, False),
+        (f"Read_ParquetRowGroups->{{scored}}->Write", False), (f"MapBatches(_decode_image_files)->{{scored}}->Write", False),
+    }}
+    deadline = time.monotonic() + 30  # task records reach the state API a moment after their tasks
+    while True:
+        normal_tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
+        file_tasks = {{(t.name, t.node_id == head) for t in normal_tasks
+                      if t.name.startswith(("Read", "Write", "MapBatches")) and t.node_id is not None}}
+        if code or file_tasks >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     print("scoring's tasks (name, on the driver's node):", sorted(file_tasks))
     ray.shutdown()
     cluster.shutdown()
-    scored = "MapBatches(_score_on_cpu)"
-    sys.exit(code or file_tasks != {{
-        ("Read_ParquetRowGroups", True), ("MapBatches(_decode_image_files)", True), ("Write", True), (scored, False),
-        (f"Read_ParquetRowGroups->{{scored}}->Write", False), (f"MapBatches(_decode_image_files)->{{scored}}->Write", False),
-    }})
+    sys.exit(code or file_tasks != expected)
 """)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, png_bytes, request, start, wait_until
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.model import CLASS_NAMES
+from fmnist.core.data import load_test_split
+from fmnist.core.model import CLASS_NAMES
 from s3_server import AuthenticatingS3Server, S3Server
 
 pytestmark = pytest.mark.slow  # a real S3 API, and whole jobs on it
@@ -265,9 +265,8 @@ def test_a_scoring_run_killed_midway_leaves_no_success_and_evaluate_refuses_it(
     output = f"s3://{bucket}/killed"
     proc = _score_process(s3_server.env, "--checkpoint", trained_run.run_dir, "--output", output,
                           "--data-dir", str(real_data_dir), "--batch-size", "64", "--concurrency", "1")
-    wait_until(proc, lambda: [k for k in s3_server.keys(bucket) if ".killed.incomplete-" in k],  # the job has begun
-               timeout_s=120)
-    time.sleep(3)
+    # Killed as soon as the job has begun writing: its output is not committed yet.
+    wait_until(proc, lambda: [k for k in s3_server.keys(bucket) if ".killed.incomplete-" in k], timeout_s=120)
     proc.kill()
     proc.wait()
     keys = s3_server.keys(bucket)

@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 import fmnist
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.model import normalize
-from fmnist.training import RECIPE_FIELDS
+from fmnist.core.data import load_test_split
+from fmnist.core.model import normalize
+from fmnist.train.trainer import RECIPE_FIELDS
 
 from conftest import PNG_MAGIC, tensorboard_images
 

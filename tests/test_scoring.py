@@ -19,11 +19,11 @@ from PIL import Image
 
 import fmnist
 from conftest import REPO, png_bytes, assert_float32_close, assert_same_classes, local_env, one_error_line
-from fmnist.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.images import MAX_IMAGE_PIXELS
-from fmnist.model import CLASS_NAMES, normalize
+from fmnist.core.checkpoints import CONFIG_FILE, METRICS_FILE, MODEL_FILE
+from fmnist.core.data import load_test_split
+from fmnist.core.images import MAX_IMAGE_PIXELS
+from fmnist.core.model import CLASS_NAMES, normalize
 
 SPEC_COLUMNS = [
     ("id", pa.int64()), ("path", pa.string()), ("label", pa.int64()), ("prediction", pa.int64()),
@@ -385,8 +385,8 @@ def test_on_cpus_one_task_reads_scores_and_writes_each_block(trained_run, fashio
 
 
 def test_cpu_scoring_modules_import_without_torch():
-    # A CPU scoring task's worker process imports fmnist.scoring (and what it imports) to run it;
+    # A CPU scoring task's worker process imports fmnist.score.scoring (and what it imports) to run it;
     # torch would cost every such process 1.5 s of its start (bench/RESULTS.md, "Batch scoring").
-    code = "import sys, fmnist.scoring; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    code = "import sys, fmnist.score.scoring; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.strip() == "[]"

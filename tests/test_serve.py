@@ -25,10 +25,11 @@ from PIL import Image
 from conftest import (PNG_MAGIC, REPO, assert_float32_close, free_port, interrupt, local_env, one_error_line,
                       png_bytes, read_until, request, short_ray_tmpdir, start)
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.model_config import CLASS_NAMES
-from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, haproxy_ingress
-from fmnist.serving_page import SAMPLES, page
+from fmnist.core.data import load_test_split
+from fmnist.core.model_config import CLASS_NAMES
+from fmnist.serve.haproxy import haproxy_ingress
+from fmnist.serve.page import SAMPLES, page
+from fmnist.serve.requests import MAX_BODY_BYTES, MAX_IMAGES
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from conftest import PNG_MAGIC, assert_float32_close, request
-from fmnist.data import load_test_split
-from fmnist.images import MAX_IMAGE_PIXELS
-from fmnist.serving import MAX_BODY_BYTES, MAX_IMAGES, MAX_REQUEST_PIXELS
+from fmnist.core.data import load_test_split
+from fmnist.core.images import MAX_IMAGE_PIXELS
+from fmnist.serve.requests import MAX_BODY_BYTES, MAX_IMAGES, MAX_REQUEST_PIXELS
 
 SEED = 7
 # Refusing an image from its header reads a few hundred bytes: far below one decode of a large image

@@ -28,8 +28,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from conftest import REPO, free_port, local_env, one_error_line, png_bytes, ray_head_node, request, short_ray_tmpdir
 from fmnist.cli import main
-from fmnist.data import load_test_split
-from fmnist.serving import APP_NAME, app, haproxy_ingress
+from fmnist.core.data import load_test_split
+from fmnist.serve.app import APP_NAME, app
+from fmnist.serve.haproxy import haproxy_ingress
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -216,7 +217,7 @@ def test_the_serve_deploy_config_is_valid_and_builds_the_application(trained_run
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # as serve deploy reads it
     [application] = config["applications"]
-    assert application["import_path"] == "fmnist.serving:app"
+    assert application["import_path"] == "fmnist.serve.app:app"
     args = {**application["args"], "checkpoint": str(trained_run.best_checkpoint)}
     assert isinstance(app(args), Application)  # every argument it names is one the builder takes
 

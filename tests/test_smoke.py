@@ -58,7 +58,7 @@ def test_a_tiny_search(real_data_dir, tmp_path):
 def test_serve_answers_a_prediction_and_stops_on_ctrl_c(real_data_dir, tmp_path):
     from PIL import Image
 
-    from fmnist.data import load_test_split
+    from fmnist.core.data import load_test_split
 
     fmnist("train", "--epochs", "1", "--storage-path", str(tmp_path), "--name", "run", "--data-dir", str(real_data_dir))
     images, labels = load_test_split(real_data_dir)

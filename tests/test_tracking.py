@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fmnist.storage import StoragePath
-from fmnist.tracking import MLFLOW_MISSING, TrainingTracker, scalar_tag
-from fmnist.training import RECIPE_FIELDS
+from fmnist.core.storage import StoragePath
+from fmnist.core.tracking import MLFLOW_MISSING, TrainingTracker, scalar_tag
+from fmnist.train.trainer import RECIPE_FIELDS
 
 from conftest import REPO, tensorboard_events, tensorboard_scalars
 

@@ -19,13 +19,13 @@ import torch
 
 import fmnist
 from fmnist.cli import main
-from fmnist.data import load_fashion_mnist
-from fmnist.model import normalize
 from fmnist.cli import parse_arguments
-from fmnist.errors import InputError
-from fmnist.run_configs import TrainConfig, learning_rate, train_arguments
-from fmnist.training import train
-from fmnist.training_report import HISTORY_COLUMNS
+from fmnist.core.configs import TrainConfig, learning_rate, train_arguments
+from fmnist.core.data import load_fashion_mnist
+from fmnist.core.errors import InputError
+from fmnist.core.model import normalize
+from fmnist.train.report import HISTORY_COLUMNS
+from fmnist.train.trainer import train
 
 from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, start, tensorboard_scalars, wait_until
 
@@ -153,7 +153,8 @@ def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(ra
     history = tmp_path / "broken" / "history.csv"
 
     def break_history() -> None:  # once epoch 1 is written, history.csv can no longer be replaced
-        while not history.exists():
+        deadline = time.monotonic() + 300
+        while not history.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         history.unlink()
         history.mkdir()

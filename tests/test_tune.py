@@ -206,7 +206,7 @@ def test_bad_input_is_one_error_line_and_makes_nothing(tmp_path, capsys, space, 
 
 
 def test_ray_still_refuses_ray_train_in_a_tune_trial_even_in_local_mode(ray_session, tmp_path):
-    # Why fmnist.training._fit_locally calls the training loop itself in a search's trial: Ray refuses
+    # Why fmnist.train.trainer._fit_locally calls the training loop itself in a search's trial: Ray refuses
     # ray.train.* in a Tune function, Ray Train's local mode included (ray-project/ray#49454). Once
     # this fails, Ray lets it run: the trial can use local mode as `fmnist train` does, and the shim goes.
     import ray.train

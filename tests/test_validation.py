@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 import fmnist
 from conftest import assert_same_classes
-from fmnist.checkpoints import METRICS_FILE, resolve_checkpoint
 from fmnist.cli import main
-from fmnist.data import load_fashion_mnist, validation_split
-from fmnist.model import normalize
-from fmnist.run_configs import TrainConfig
-from fmnist.training import train
-from fmnist.training_report import HISTORY_COLUMNS, VALIDATION_COLUMNS
+from fmnist.core.checkpoints import METRICS_FILE, resolve_checkpoint
+from fmnist.core.configs import TrainConfig
+from fmnist.core.data import load_fashion_mnist, validation_split
+from fmnist.core.model import normalize
+from fmnist.train.report import HISTORY_COLUMNS, VALIDATION_COLUMNS
+from fmnist.train.trainer import train
 
 from test_training import read_history
 

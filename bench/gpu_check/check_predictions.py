@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fmnist import load_model  # noqa: E402
-from fmnist.data import load_test_split  # noqa: E402
+from fmnist.core.data import load_test_split  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fmnist import load_model  # noqa: E402
-from fmnist.data import load_test_split  # noqa: E402
-from fmnist.model import normalize  # noqa: E402
-from fmnist.scoring import predictions_table  # noqa: E402
+from fmnist.core.data import load_test_split  # noqa: E402
+from fmnist.core.model import normalize  # noqa: E402
+from fmnist.score.scoring import predictions_table  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: to dry-run this script without a GPU

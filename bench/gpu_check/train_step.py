@@ -2,7 +2,7 @@
 
     python bench/gpu_check/train_step.py [--epochs 3]
 
-Runs fmnist.train_loop's own _train_one_epoch (the tutorial's recipe: batch 200, Adam lr 0.002)
+Runs fmnist.train.loop's own _train_one_epoch (the tutorial's recipe: batch 200, Adam lr 0.002)
 on the full training set resident on the GPU, with Adam's default (foreach) implementation and
 with fused=True, and prints seconds per epoch after one warm-up epoch. Against the GPU check's
 Ray Train figure, the difference is what Ray Train's worker adds.
@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fmnist.data import load_fashion_mnist  # noqa: E402
-from fmnist.model import Classifier, normalize  # noqa: E402
-from fmnist.run_configs import TrainConfig  # noqa: E402
-from fmnist.train_loop import _train_one_epoch  # noqa: E402
+from fmnist.core.configs import TrainConfig  # noqa: E402
+from fmnist.core.data import load_fashion_mnist  # noqa: E402
+from fmnist.core.model import Classifier, normalize  # noqa: E402
+from fmnist.train.loop import _train_one_epoch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: to dry-run this script without a GPU
 

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy and classification reports from Parquet predictions (no Ray)."""

@@ -1,0 +1,1 @@
+"""Batch scoring: a checkpoint scores images into Parquet predictions with Ray Data."""

@@ -1,0 +1,1 @@
+"""Online predictions: the model behind Ray Serve, over HTTP."""

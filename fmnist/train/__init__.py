@@ -1,0 +1,1 @@
+"""Training: the MLP trained data-parallel on Ray Train (or in local mode), into a run directory."""

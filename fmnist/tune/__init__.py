@@ -1,0 +1,1 @@
+"""Hyperparameter search: training runs as Ray Tune trials, and the leaderboard."""
