@@ -4,12 +4,13 @@
 
 (a) the tutorial: torchvision dataset + DataLoader, ToTensor + Normalize, batch 200;
 (b) a plain single-process loop over in-memory tensors, same model, optimizer and batch;
-(c) `fmnist train` (Ray Train) with 1 and with 2 workers, embedded Ray started per run.
+(c) `fmnist train` (Ray Train) with 1 worker (Ray Train's local mode, the default on one machine)
+    and with 2 workers (an embedded Ray started per run).
 Per-epoch times on a small VM swing by 10-20% within a minute, so the runs go in rounds,
 (a) (b) (c) one after the other, and each figure is the median over rounds of a run's
 median epoch; the ratios to (b) are also given per round, where both ran in the same minute.
 Reported: train seconds per epoch, samples/s, and for (c) the start-up: from the call of
-train() to the start of the first epoch (Ray, workers, data).
+train() to the start of the first epoch (data, and with 2 workers Ray and its workers).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def _search(search_dir: Path) -> tuple[int, int, list[tuple[dict, list[float]]]]
             continue
         history = _rows(Path(row["run_dir"]) / "history.csv")
         recipe = json.loads((Path(row["run_dir"]) / "train_config.json").read_text())
-        row["augment"] = ",".join(recipe.get("augment", [])) or "none"  # leaderboards before issue 30 lack it
+        row["augment"] = ",".join(recipe.get("augment", [])) or "none"  # runs of searches without augmentation lack it
         row["stopped_itself"] = history[-1].get("stopped_early") == "1"
         trials.append((row, [float(h["val_accuracy"]) for h in history]))
     return config["grace_period"], config["max_epochs"], trials

@@ -60,7 +60,7 @@ def committed(directory: Path, files: dict[str, pa.Table | bytes]) -> Path:
 
 
 def write_predictions(directory: Path, labels, predictions, files: int = 1, checkpoint: str | None = None) -> Path:
-    """Predictions as 'fmnist score' writes them (SPEC.md): every column, split over ``files`` files."""
+    """Predictions as 'fmnist score' writes them: every column, split over ``files`` files."""
     predictions = np.asarray(predictions, dtype=np.int64)
     n = len(predictions)
     probabilities = np.full((n, 10), 0.02, dtype=np.float32)

@@ -1,21 +1,19 @@
-"""The laptop path: the CLI as a user runs it, with no RAY_ADDRESS: training in Ray Train's local
-mode (no Ray instance), and --num-workers N, scoring and the rest on an embedded Ray of its own.
+"""The laptop path: the CLI as a user runs it, with no RAY_ADDRESS, each command on an embedded Ray
+of its own where it uses Ray (training in local mode and on 2 workers: tests/test_smoke.py).
 
 The rest of the suite shares one Ray instance, which the code rightly takes for a cluster.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, local_env, short_ray_tmpdir, worker_processes
+from conftest import IMPORTS_SHOWN, REPO, local_env
 
 
 def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
@@ -27,44 +25,6 @@ def run_python(*args: str, ray_tmpdir: str | None = None) -> subprocess.Complete
 
 def run_cli(*args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
     return run_python(str(REPO / "workflows" / "train.py"), *args, ray_tmpdir=ray_tmpdir)
-
-
-# Runs an fmnist command line in a process of its own, and says which of torch and Ray it imported.
-IMPORTS_SHOWN = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
-                 "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
-
-
-@pytest.mark.slow
-def test_training_defaults_to_local_mode_with_every_core_and_starts_no_ray(real_data_dir, tmp_path):
-    with short_ray_tmpdir() as session_dir:
-        done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
-                          "--name", "laptop", "--data-dir", str(real_data_dir), ray_tmpdir=session_dir)
-        sessions = list(Path(session_dir).glob("ray/session_*"))
-    assert done.returncode == 0, done.stderr
-    assert sessions == []  # no Ray instance: the loop ran in this process (Ray Train's local mode)
-    assert "imported: ['ray', 'torch']" in done.stdout
-    cores = os.cpu_count()
-    saved = json.loads((tmp_path / "laptop" / "train_config.json").read_text())
-    assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == (1, False, cores)
-    shown = " ".join(done.stdout.split())  # rich wraps long lines where stdout is no terminal
-    assert f"on 1 worker in Ray Train's local mode (CPU, {cores} threads; no Ray instance" in shown
-    assert len(list((tmp_path / "laptop").glob("checkpoint_*/model.safetensors"))) == 1
-    assert "INFO" not in done.stdout + done.stderr  # Ray's log lines stay off the terminal
-
-
-@pytest.mark.slow
-def test_two_workers_on_ones_own_machine_run_on_an_embedded_ray(real_data_dir, tmp_path):
-    with short_ray_tmpdir() as session_dir:
-        done = run_python("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--num-workers", "2", "--storage-path",
-                          str(tmp_path), "--name", "ddp", "--data-dir", str(real_data_dir), ray_tmpdir=session_dir)
-        processes = worker_processes(session_dir)
-    assert done.returncode == 0, done.stderr
-    actors = {ran[0] for ran, _ in processes if ran}
-    assert {"TrainController", "RayTrainWorker"} <= actors, actors
-    saved = json.loads((tmp_path / "ddp" / "train_config.json").read_text())
-    assert (saved["num_workers"], saved["cpus_per_worker"]) == (2, max(1, os.cpu_count() // 2))
-    history = (tmp_path / "ddp" / "history.csv").read_text().splitlines()
-    assert len(history) == 2 and history[1].startswith("1,")
 
 
 @pytest.mark.slow

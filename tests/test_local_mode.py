@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -22,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from fmnist.core.checkpoints import METRICS_FILE, MODEL_FILE, resolve_checkpoint
 from fmnist.core.storage import StoragePath
 
-from conftest import REPO, interrupt, local_env, short_ray_tmpdir, start, tensorboard_scalars, wait_until
+from conftest import (REPO, break_once_written, interrupt, local_env, short_ray_tmpdir, start, tensorboard_scalars,
+                      wait_until)
 from test_training import read_history
 
 
@@ -114,14 +113,7 @@ def test_validation_best_k_an_s3_run_directory_and_tracking(real_data_dir, s3_se
 def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(real_data_dir, tmp_path):
     history = tmp_path / "broken" / "history.csv"
 
-    def break_history() -> None:  # once epoch 1 is written, history.csv can no longer be replaced
-        deadline = time.monotonic() + 300
-        while not history.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        history.unlink()
-        history.mkdir()
-
-    threading.Thread(target=break_history, daemon=True).start()
+    break_once_written(history)  # once epoch 1 is written, history.csv can no longer be replaced
     with short_ray_tmpdir() as ray_tmpdir:
         done = fmnist("train", "--epochs", "20", "--keep", "20", "--storage-path", str(tmp_path), "--name", "broken",
                       "--data-dir", str(real_data_dir), env=local_env(ray_tmpdir))

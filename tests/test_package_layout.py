@@ -12,7 +12,7 @@ import numpy as np
 
 from fmnist.core.data import load_test_split
 
-from conftest import REPO, local_env
+from conftest import IMPORTS_SHOWN, REPO, local_env
 from test_mistakes import write_scored
 
 STAGES = {"train", "score", "evaluate", "tune", "serve"}
@@ -75,10 +75,8 @@ def test_evaluate_with_every_report_never_imports_ray(real_data_dir, tmp_path):
     labels = load_test_split(real_data_dir)[1][:200]  # --mistakes shows the test images by id
     predicted = np.where(np.arange(200) % 4 == 0, (labels + 1) % 10, labels)
     predictions = write_scored(tmp_path / "predictions", np.arange(200), labels, predicted)
-    shown = ("import sys; from fmnist.cli import main; code = main(sys.argv[1:]); "
-             "print('imported:', sorted({'torch', 'ray'} & sys.modules.keys())); sys.exit(code)")
     done = subprocess.run(
-        [sys.executable, "-c", shown, "evaluate", str(predictions), "--data-dir", str(real_data_dir),
+        [sys.executable, "-c", IMPORTS_SHOWN, "evaluate", str(predictions), "--data-dir", str(real_data_dir),
          "--json", str(tmp_path / "report.json"), "--plot", str(tmp_path / "cm.png"),
          "--mistakes", str(tmp_path / "mistakes.png")],
         env=local_env(), capture_output=True, text=True, timeout=120)

@@ -9,32 +9,52 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from conftest import free_port, interrupt, local_env, pyproject, request, short_ray_tmpdir, start, wait_until
+from conftest import (IMPORTS_SHOWN, free_port, interrupt, local_env, pyproject, request, short_ray_tmpdir, start,
+                      wait_until, worker_processes)
 
 pytestmark = pytest.mark.smoke
 
 
-def fmnist(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "fmnist", *args], env=local_env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+def fmnist(*args: str, cwd=None, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m fmnist ARGS`` (or ``python -c CODE ARGS``), as a user runs it on their own machine."""
+    command = [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", "fmnist", *args]
+    done = subprocess.run(command, env=local_env(ray_tmpdir), cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"fmnist {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
 
 
 def test_train_in_local_mode_and_on_two_workers_then_score_and_evaluate(real_data_dir, tmp_path):
     data = ["--data-dir", str(real_data_dir)]
-    fmnist("train", "--epochs", "1", "--storage-path", str(tmp_path), "--name", "local", *data)
-    fmnist("train", "--epochs", "1", "--num-workers", "2", "--storage-path", str(tmp_path), "--name", "ddp", *data)
-    for run in ("local", "ddp"):
+    with short_ray_tmpdir() as session_dir:
+        # 1 worker, the default on one's own machine: Ray Train's local mode, every core, no Ray instance.
+        local = fmnist("-c", IMPORTS_SHOWN, "train", "--epochs", "1", "--storage-path", str(tmp_path),
+                       "--name", "local", *data, ray_tmpdir=session_dir)
+        assert list(Path(session_dir).glob("ray/session_*")) == []
+        # --num-workers 2: DDP on an embedded Ray of its own, the workers sharing the cores.
+        fmnist("train", "--epochs", "1", "--num-workers", "2", "--storage-path", str(tmp_path), "--name", "ddp",
+               *data, ray_tmpdir=session_dir)
+        actors = {ran[0] for ran, _ in worker_processes(session_dir) if ran}
+    assert "imported: ['ray', 'torch']" in local.stdout
+    cores = os.cpu_count()
+    shown = " ".join(local.stdout.split())  # rich wraps long lines where stdout is no terminal
+    assert f"on 1 worker in Ray Train's local mode (CPU, {cores} threads; no Ray instance" in shown
+    assert "INFO" not in local.stdout + local.stderr  # Ray's log lines stay off the terminal
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    for run, placement in (("local", (1, False, cores)), ("ddp", (2, False, max(1, cores // 2)))):
+        saved = json.loads((tmp_path / run / "train_config.json").read_text())
+        assert (saved["num_workers"], saved["use_gpu"], saved["cpus_per_worker"]) == placement
         history = (tmp_path / run / "history.csv").read_text().splitlines()
         assert len(history) == 2 and float(history[1].split(",")[3]) > 0.8, (run, history)
+    assert len(list((tmp_path / "local").glob("checkpoint_*/model.safetensors"))) == 1
 
     fmnist("score", "--checkpoint", str(tmp_path / "ddp"), "--output", str(tmp_path / "predictions"), *data)
     assert pq.read_table(tmp_path / "predictions").num_rows == 10_000

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 
 import psutil
@@ -27,7 +26,8 @@ from fmnist.core.model import normalize
 from fmnist.train.report import HISTORY_COLUMNS
 from fmnist.train.trainer import train
 
-from conftest import PNG_MAGIC, REPO, interrupt, one_error_line, start, tensorboard_scalars, wait_until
+from conftest import (PNG_MAGIC, REPO, break_once_written, interrupt, one_error_line, start, tensorboard_scalars,
+                      wait_until)
 
 
 def read_history(run_dir) -> list[dict]:
@@ -152,15 +152,8 @@ def test_a_run_directory_that_stops_taking_writes_stops_the_run_with_one_line(ra
                                                                               capsys):
     history = tmp_path / "broken" / "history.csv"
 
-    def break_history() -> None:  # once epoch 1 is written, history.csv can no longer be replaced
-        deadline = time.monotonic() + 300
-        while not history.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        history.unlink()
-        history.mkdir()
-
     free_cpus = ray.available_resources().get("CPU", 0)
-    threading.Thread(target=break_history, daemon=True).start()
+    break_once_written(history)  # once epoch 1 is written, history.csv can no longer be replaced
     assert main(["train", "--epochs", "20", "--keep", "20", "--num-workers", "1", "--cpus-per-worker", "1",
                  "--storage-path", str(tmp_path), "--name", "broken", "--data-dir", str(real_data_dir)]) == 2
     assert one_error_line(capsys) == (f"error: cannot write {history} (Is a directory); "

@@ -9,8 +9,8 @@ import time
 import ray
 from rich.console import Console
 
-from fmnist.core.errors import InputError
 from fmnist.core import ray_compat
+from fmnist.core.errors import InputError
 from fmnist.core.storage import StoragePath, storage_env_vars
 
 

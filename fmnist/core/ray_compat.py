@@ -2,15 +2,22 @@
 on, from which Ray version, and Ray's issue or PR (or the Ray source file that defines it).
 tests/test_ray_compat.py fails when Ray changes any of them; docs/design.md lists them.
 
-Two more live where they act, with tests of their own:
+Three more live where they act, with tests of their own:
 
 - ``fmnist.train.trainer._fit_locally``: in a Ray Tune trial, Ray refuses ``ray.train.get_context``,
   ``report`` and ``get_checkpoint`` even in local mode (ray-project/ray#49454), so the trial calls the
-  training loop itself. Test: tests/test_tune.py::test_ray_still_refuses_ray_train_in_a_tune_trial_even_in_local_mode.
+  training loop itself. Test: tests/test_tune.py::
+  test_ray_still_refuses_ray_train_in_a_tune_trial_even_in_local_mode.
 - ``fmnist.train.trainer._fit_on_ray``: Ctrl-C goes through the SIGINT handler that ``fit()`` installs on
   the main thread (ray-project/ray#53600, #54188; Ray 2.55 to 2.60): it aborts the run, and ``fit()`` then
   returns; it stays installed after ``fit()``; it calls ``sys.exit(0)`` where the controller is gone.
-  Test: tests/test_training.py::test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one (slow).
+  Test (slow): tests/test_training.py::
+  test_interrupted_run_resumes_to_the_same_figures_as_an_uninterrupted_one.
+- ``fmnist.serve.command._start_serve``: HAProxy failing to start is told from other errors of
+  ``serve.start`` by "HAProxy" in the cause of its RayTaskError, the RuntimeError of Serve's HAProxy
+  manager ("HAProxy crashed during startup: <HAProxy's output>", ray/serve/_private/haproxy.py, Ray 2.60),
+  whose HAProxy [ALERT] line ``fmnist.serve.haproxy.haproxy_failure`` shows. Test (slow):
+  tests/test_serve.py::test_an_haproxy_that_cannot_start_fails_in_one_line_and_leaves_no_ray_running.
 """
 
 from __future__ import annotations
@@ -28,8 +35,7 @@ import ray
 
 def ray_version() -> tuple[int, int]:
     """This process's Ray, as (major, minor)."""
-    major, minor = ray.__version__.split(".")[:2]
-    return int(major), int(minor)
+    return _major_minor(ray.__version__)
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -76,9 +82,10 @@ def haproxy_binary() -> str | None:
 
 
 def serve_fails_on_this_protobuf() -> bool:
-    """Whether Serve's controller fails to read deployments here: before Ray 2.57 it reads them with
-    ``FieldDescriptor.label``, which protobuf 7.34 removed (ray-project/ray#64362; ``_proto_to_dict``
-    in ray/serve/_private/config.py)."""
+    """Whether Serve's controller fails to read deployments here: Ray 2.55 and 2.56.0 read them with
+    ``FieldDescriptor.label``, which protobuf 7.34 removed (ray-project/ray#64362, fixed in 2.56.1 and
+    2.57; ``_proto_to_dict`` in ray/serve/_private/config.py). Told by major.minor: 2.56.1 counts as
+    failing."""
     protobuf = _major_minor(importlib.metadata.version("protobuf"))
     return ray_version() < (2, 57) and protobuf >= (7, 34)
 

@@ -110,7 +110,7 @@ class Evaluation:
         return sorted(pairs, key=lambda p: p.total, reverse=True)[:limit]
 
     def to_json(self) -> dict:
-        """The figures in the JSON schema of SPEC.md (``fmnist evaluate --json``)."""
+        """The figures as ``fmnist evaluate --json`` writes them (docs/usage.md)."""
         per_class = [
             {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(self.class_names, self.precision, self.recall, self.f1, self.support)

@@ -29,6 +29,7 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fmnist.core import ray_compat
 from fmnist.core.checkpoints import load_checkpoint, load_numpy_checkpoint, resolve_checkpoint
 from fmnist.core.cluster import file_task_options, one_per_gpu, start_ray, wait_for_resources
 from fmnist.core.errors import InputError
@@ -205,9 +206,8 @@ def _print_summary(console: Console, result: ScoreResult) -> None:
 def _quiet_ray_data_console() -> None:
     # Ray Data logs its plan and any failure on the terminal, which our progress bar and one-line
     # errors replace; its log file in the Ray session directory keeps everything.
-    for handler in logging.getLogger("ray.data").handlers:
-        if handler.get_name() == "console":
-            handler.setLevel(logging.CRITICAL + 1)
+    for handler in ray_compat.ray_data_console_handlers():
+        handler.setLevel(logging.CRITICAL + 1)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fmnist.core import ray_compat
 from fmnist.core.configs import augmentations_text
 
 RECIPE_COLUMNS = ("hidden", "activation", "lr", "batch_size", "dropout", "weight_decay", "label_smoothing",
@@ -99,7 +100,7 @@ class SearchView(Callback):
     """A Ray Tune callback drawing one live view of the search: counts by status, the leader, the trials.
 
     Tune saves its callbacks with the search; a restored search draws on the view of the process
-    that restores it (see ``__reduce__``).
+    that restores it (ray_compat.restored_by_tune_as).
     """
 
     console: Console
@@ -118,7 +119,7 @@ class SearchView(Callback):
         super().__init__()
 
     def __reduce__(self):
-        return (_current_view, ())
+        return ray_compat.restored_by_tune_as(_current_view)
 
     def __enter__(self) -> "SearchView":
         global _view
