@@ -1,4 +1,5 @@
-"""A signal's handler for the length of a block, and the one before it put back after."""
+"""Signal handlers for the length of a block: one set and the one before put back after, or Ctrl-C held
+until the block ends."""
 
 from __future__ import annotations
 
@@ -24,3 +25,21 @@ def signal_handler(signum: int, handler=None) -> Iterator[bool]:
     finally:
         if previous is not None:  # None: a handler not set from Python, which it cannot put back
             signal.signal(signum, previous)
+
+
+@contextmanager
+def sigint_held() -> Iterator[None]:
+    """Ctrl-C within the block takes effect when it ends, as if it came then: for work that must not
+    stop halfway, like writing a run's files (a KeyboardInterrupt inside a library's queue can leave
+    its lock held, and the next call on it waits forever). On the main thread only, as above."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # to the handler from before, now

@@ -8,6 +8,7 @@ import time
 from typing import Callable
 
 from fmnist.core.run_layout import HISTORY_FILE
+from fmnist.core.signals import sigint_held
 from fmnist.core.storage import StoragePath
 from fmnist.core.tracking import TrainingTracker
 from fmnist.train.report import TrainingConsole, history_csv
@@ -24,7 +25,12 @@ class RunFiles:
         self.startup_seconds: float | None = None
 
     def put_nowait(self, event: tuple) -> None:
-        """One event (as a queue takes it: local mode's loop calls this directly)."""
+        """One event (as a queue takes it: local mode's loop calls this directly, on the thread where
+        Ctrl-C lands, which then waits for the event's files to be written)."""
+        with sigint_held():
+            self._handle(event)
+
+    def _handle(self, event: tuple) -> None:
         if event[0] == "batch":
             self.view.batch(*event[1:])
             return
