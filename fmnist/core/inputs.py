@@ -52,10 +52,10 @@ class ScoringInput(NamedTuple):
 
 
 
-def image_rows(ids, labels, paths=None, images=None) -> pa.Table:
+def _image_rows(ids, labels, paths=None, images=None) -> pa.Table:
     """The columns every input kind becomes: id, path, label[, image].
 
-    Without ``images``, the files at ``paths`` are read into an image column by _decode_image_files.
+    Without ``images``, the files at ``paths`` are read into an image column by fmnist.score.datasource.
     """
     ids = pa.array(ids).cast(pa.int64())
     columns = {
@@ -71,7 +71,7 @@ def image_rows(ids, labels, paths=None, images=None) -> pa.Table:
 def _test_input(data_dir: str | None) -> ScoringInput:
     images, labels = load_test_split(data_dir)
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), IMAGE_PIXELS)
-    return ScoringInput(len(labels), table=image_rows(np.arange(len(labels)), labels, images=pixels))
+    return ScoringInput(len(labels), table=_image_rows(np.arange(len(labels)), labels, images=pixels))
 
 
 def _folder_key(name: str) -> str:
@@ -94,7 +94,7 @@ def _image_dir_input(directory: StoragePath, files: list[StoragePath], class_nam
         shown = ", ".join(unnamed[:5]) + (f" and {len(unnamed) - 5} more" if len(unnamed) > 5 else "")
         print(f"warning: folder{'s' * (len(unnamed) > 1)} {shown} of --input {directory.uri} name no class "
               "(a class name or 0-9); their images are unlabelled", file=sys.stderr)
-    rows = image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[f.uri for f in files])
+    rows = _image_rows(np.arange(len(files)), pa.array(labels, pa.int64()), paths=[f.uri for f in files])
     return ScoringInput(len(files), table=rows, location=directory)
 
 
@@ -167,7 +167,7 @@ def read_row_groups(groups: list[RowGroup], batch_size: int) -> Iterator[pa.Tabl
                 n = batch.num_rows
                 ids = batch.column("id") if "id" in columns else np.arange(next_id, next_id + n)
                 labels = batch.column("label") if "label" in columns else pa.nulls(n, pa.int64())
-                yield image_rows(ids, labels, images=_common_image_type(batch.column("image")))
+                yield _image_rows(ids, labels, images=_common_image_type(batch.column("image")))
                 next_id += n
 
 

@@ -32,14 +32,10 @@ def sigint_held() -> Iterator[None]:
     """Ctrl-C within the block takes effect when it ends, as if it came then: for work that must not
     stop halfway, like writing a run's files (a KeyboardInterrupt inside a library's queue can leave
     its lock held, and the next call on it waits forever). On the main thread only, as above."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        yield
+        with signal_handler(signal.SIGINT, lambda signum, frame: received.append(signum)):
+            yield
     finally:
-        signal.signal(signal.SIGINT, previous)
         if received:
             signal.raise_signal(signal.SIGINT)  # to the handler from before, now

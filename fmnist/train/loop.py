@@ -203,10 +203,10 @@ def _tensors(data: dict, model_config: ModelConfig, device: torch.device) -> dic
     """
     tensors = {"train_x": torch.tensor(_array(data["train_images"])).to(device),
                "train_y": torch.tensor(_array(data["train_labels"])).to(device)}
-    for split, short in (("test", "test"), ("val", "val")):
+    for split in ("test", "val"):
         if f"{split}_images" in data:
-            tensors[f"{short}_x"] = normalize(torch.tensor(_array(data[f"{split}_images"])), model_config).to(device)
-            tensors[f"{short}_y"] = torch.tensor(_array(data[f"{split}_labels"])).to(device)
+            tensors[f"{split}_x"] = normalize(torch.tensor(_array(data[f"{split}_images"])), model_config).to(device)
+            tensors[f"{split}_y"] = torch.tensor(_array(data[f"{split}_labels"])).to(device)
     return tensors
 
 
